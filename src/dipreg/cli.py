@@ -1,0 +1,149 @@
+"""The ``dipreg`` command line: register, apply, demo."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+import SimpleITK as sitk
+
+from dipreg import __version__
+from dipreg.engine import PRESETS, RegistrationConfig
+from dipreg.errors import DipregError
+from dipreg.images import read_image, resample_to_reference, write_image
+from dipreg.registration import publish_directory, register
+from dipreg.transforms import displacement_transform
+
+SUMMARY_KEYS = ("ssim", "ncc", "folding_percent", "sdlogj", "jacobian_mean", "iterations", "seconds")
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def add_registration_options(parser: argparse.ArgumentParser) -> None:
+    """Add ``--preset`` and one flag per :class:`RegistrationConfig` field."""
+    parser.add_argument("--preset", default="default", choices=list(PRESETS),
+                        help="named option set; explicit options override it (default: %(default)s). "
+                        + "; ".join(f"{name}: {', '.join(f'{k}={v}' for k, v in values.items()) or 'the defaults below'}"
+                                    for name, values in PRESETS.items()))
+    group = parser.add_argument_group("registration options (defaults are those of --preset default)")
+    for f in dataclasses.fields(RegistrationConfig):
+        kind = _parse_bool if f.type in (bool, "bool") else type(f.default)
+        group.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=None,
+                           choices=f.metadata.get("choices"), metavar=None if f.metadata.get("choices") else f.name.upper(),
+                           help=f"{f.metadata['help']} (default: {f.default})")
+
+
+def registration_options(args: argparse.Namespace) -> dict:
+    """The registration options given on the command line (unset ones are omitted)."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(RegistrationConfig)
+            if getattr(args, f.name) is not None}
+
+
+def _add_io_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-o", "--output", required=True, type=Path, help="output directory (created; files in it are replaced)")
+    parser.add_argument("--channel", type=int, default=None,
+                        help="channel of multi-channel images (e.g. 1 = FLAIR in the TCGA-LGG TIFFs)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    add_registration_options(parser)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``dipreg`` command."""
+    parser = argparse.ArgumentParser(
+        prog="dipreg",
+        description="Deformable registration with a deep image prior: no training data, one optimisation per pair. "
+        "Images may be NIfTI, NRRD, MHA/MHD, a DICOM series directory, PNG/JPEG/TIFF. "
+        "Displacement fields are ITK displacement fields (mm, physical LPS axes) usable by SimpleITK and ANTs.",
+    )
+    parser.add_argument("--version", action="version", version=f"dipreg {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    reg = commands.add_parser("register", help="register MOVING onto FIXED and write warped image, field, Jacobian, QC, metrics",
+                              description="Register MOVING onto FIXED. Writes to OUTPUT: warped.nii.gz (moving on the fixed grid), "
+                              "displacement.nii.gz (ITK displacement field, mm), jacobian.nii.gz (det J), qc.png, metrics.json.")
+    reg.add_argument("fixed", type=Path, help="fixed (target) image; defines the output grid")
+    reg.add_argument("moving", type=Path, help="moving image, resampled into the fixed image's physical space")
+    _add_io_options(reg)
+
+    demo = commands.add_parser("demo", help="register the bundled pair of 2D brain slices (ANTs r64 onto r16)")
+    _add_io_options(demo)
+
+    apply = commands.add_parser("apply", help="warp an image with a saved displacement field",
+                                description="Warp IMAGE with DISPLACEMENT (as written by register) onto the reference grid.")
+    apply.add_argument("displacement", type=Path, help="displacement.nii.gz from dipreg register")
+    apply.add_argument("image", type=Path, help="image of the moving subject to warp")
+    apply.add_argument("-o", "--output", required=True, type=Path, help="output image file (e.g. warped_labels.nii.gz)")
+    apply.add_argument("--reference", type=Path, default=None, help="grid of the output (default: the displacement field's grid)")
+    apply.add_argument("--labels", action="store_true", help="nearest-neighbour interpolation for label maps")
+    apply.add_argument("--channel", type=int, default=None, help="channel of a multi-channel image")
+    return parser
+
+
+def _run_registration(fixed, moving, args: argparse.Namespace) -> int:
+    result = register(fixed, moving, args.preset, channel=args.channel, progress=not args.quiet,
+                      **registration_options(args))
+    result.save(args.output)
+    if not args.quiet:
+        print(json.dumps({k: result.metrics[k] for k in SUMMARY_KEYS}, indent=2))
+        print(f"wrote {', '.join(sorted(p.name for p in args.output.iterdir()))} to {args.output}")
+    return 0
+
+
+def _run_apply(args: argparse.Namespace) -> int:
+    field = read_displacement(args.displacement)
+    image = sitk.ReadImage(str(args.image)) if args.labels else read_image(args.image, args.channel)
+    reference = read_image(args.reference) if args.reference else field
+    warped = resample_to_reference(image, reference, displacement_transform(field), labels=args.labels)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=args.output.parent) as staging:
+        staged = Path(staging) / args.output.name
+        write_image(warped, staged)
+        staged.replace(args.output)
+    return 0
+
+
+def read_displacement(path: Path) -> sitk.Image:
+    """Read an ITK displacement field, with a clear error if the file is not one."""
+    if not path.exists():
+        raise DipregError(f"{path}: file not found")
+    try:
+        field = sitk.ReadImage(str(path))
+    except RuntimeError:
+        raise DipregError(f"{path}: cannot read displacement field") from None
+    if field.GetNumberOfComponentsPerPixel() != field.GetDimension():
+        raise DipregError(f"{path}: not a displacement field ({field.GetNumberOfComponentsPerPixel()} components "
+                          f"in a {field.GetDimension()}D image)")
+    return field
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``dipreg`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "register":
+            return _run_registration(args.fixed, args.moving, args)
+        if args.command == "demo":
+            data = resources.files("dipreg") / "data"
+            with resources.as_file(data / "r16slice.jpg") as fixed, resources.as_file(data / "r64slice.jpg") as moving:
+                return _run_registration(fixed, moving, args)
+        if args.command == "apply":
+            return _run_apply(args)
+    except DipregError as exc:
+        print(f"dipreg: error: {exc}", file=sys.stderr)
+        return 1
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""Image input/output, validation, physical-space resampling and intensity scaling.
+
+SimpleITK images are the single carrier of pixel data plus geometry (size, spacing,
+origin, direction) throughout dipreg. Arrays taken from them are in SimpleITK's
+reversed axis order: ``(z, y, x)`` for 3D and ``(y, x)`` for 2D.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import SimpleITK as sitk
+
+from dipreg.errors import DipregError
+
+ImageLike = Union[str, os.PathLike, sitk.Image, np.ndarray]
+
+#: Percentiles mapped to 0 and 1 by :func:`intensity_range`.
+INTENSITY_PERCENTILES = (0.5, 99.5)
+
+
+def read_image(path: str | os.PathLike, channel: int | None = None) -> sitk.Image:
+    """Read a scalar image from a file or a DICOM series directory.
+
+    Args:
+        path: NIfTI, NRRD, MHA/MHD, PNG/JPEG/TIFF file, or a directory holding one DICOM series.
+        channel: which component to take from a multi-channel (e.g. RGB) image.
+
+    Returns:
+        A 2D or 3D scalar float32 image with the file's geometry.
+
+    Raises:
+        DipregError: if the file is missing or unreadable, or the image cannot be registered.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DipregError(f"{path}: file not found")
+    try:
+        if path.is_dir():
+            reader = sitk.ImageSeriesReader()
+            files = reader.GetGDCMSeriesFileNames(str(path))
+            if not files:
+                raise DipregError(f"{path}: directory holds no DICOM series")
+            reader.SetFileNames(files)
+            image = reader.Execute()
+        else:
+            image = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        first_line = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown error"
+        raise DipregError(f"{path}: cannot read image ({first_line})") from None
+    return prepare_image(image, name=str(path), channel=channel)
+
+
+def prepare_image(image: sitk.Image, name: str, channel: int | None = None) -> sitk.Image:
+    """Select a channel, drop a singleton third axis, cast to float32 and validate.
+
+    Args:
+        image: any SimpleITK image.
+        name: how to name the image in error messages (usually its path).
+        channel: component to select when the image has several.
+    """
+    components = image.GetNumberOfComponentsPerPixel()
+    if components > 1:
+        if channel is None:
+            raise DipregError(
+                f"{name}: image has {components} channels; choose one with --channel 0..{components - 1}"
+            )
+        if not 0 <= channel < components:
+            raise DipregError(f"{name}: --channel {channel} out of range 0..{components - 1}")
+        image = sitk.VectorIndexSelectionCast(image, channel)
+    elif channel not in (None, 0):
+        raise DipregError(f"{name}: image has one channel, --channel {channel} does not exist")
+    if image.GetDimension() == 3 and image.GetSize()[2] == 1:
+        image = sitk.Extract(image, [image.GetSize()[0], image.GetSize()[1], 0], [0, 0, 0])
+    if image.GetDimension() not in (2, 3):
+        raise DipregError(f"{name}: {image.GetDimension()}D images are not supported (2D or 3D only)")
+    if min(image.GetSize()) < 2:
+        raise DipregError(f"{name}: image size {image.GetSize()} is too small (need 2 voxels per axis)")
+    image = sitk.Cast(image, sitk.sitkFloat32)
+    validate_intensities(sitk.GetArrayViewFromImage(image), name)
+    return image
+
+
+def validate_intensities(array: np.ndarray, name: str) -> None:
+    """Raise a DipregError if the array has NaN/Inf values or is constant."""
+    if not np.isfinite(array).all():
+        raise DipregError(f"{name}: image contains NaN or Inf voxels")
+    if float(array.max()) == float(array.min()):
+        raise DipregError(f"{name}: image is constant (every voxel is {float(array.min())})")
+
+
+def as_image(
+    image: ImageLike,
+    name: str,
+    spacing: tuple[float, ...] | None = None,
+    channel: int | None = None,
+) -> sitk.Image:
+    """Turn a path, SimpleITK image or numpy array into a validated scalar float32 image.
+
+    A numpy array is taken in SimpleITK's axis order (``(z, y, x)`` or ``(y, x)``); ``spacing``
+    is then given in ``(x, y[, z])`` order and defaults to 1 mm.
+    """
+    if isinstance(image, sitk.Image):
+        return prepare_image(image, name=name, channel=channel)
+    if isinstance(image, np.ndarray):
+        if image.ndim not in (2, 3):
+            raise DipregError(f"{name}: {image.ndim}D arrays are not supported (2D or 3D only)")
+        result = sitk.GetImageFromArray(np.asarray(image, dtype=np.float32))
+        if spacing is not None:
+            if len(spacing) != image.ndim:
+                raise DipregError(f"{name}: spacing {spacing} does not match a {image.ndim}D array")
+            result.SetSpacing([float(s) for s in spacing])
+        return prepare_image(result, name=name)
+    return read_image(image, channel=channel)
+
+
+def write_image(image: sitk.Image, path: str | os.PathLike) -> None:
+    """Write an image with its geometry (format from the file extension)."""
+    sitk.WriteImage(image, str(path), useCompression=True)
+
+
+def physical_bounds(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
+    """Axis-aligned world bounding box (lower, upper corners) of the image's voxel centres."""
+    size = np.array(image.GetSize())
+    corners = np.array(np.meshgrid(*[[0, n - 1] for n in size], indexing="ij")).reshape(len(size), -1).T
+    points = np.array([image.TransformContinuousIndexToPhysicalPoint(c.tolist()) for c in corners.astype(float)])
+    return points.min(axis=0), points.max(axis=0)
+
+
+def same_grid(a: sitk.Image, b: sitk.Image, tolerance: float = 1e-5) -> bool:
+    """True when two images share size, spacing, origin and direction."""
+    return (
+        a.GetSize() == b.GetSize()
+        and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=tolerance)
+        and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=tolerance)
+        and np.allclose(a.GetDirection(), b.GetDirection(), atol=tolerance)
+    )
+
+
+def check_compatible(fixed: sitk.Image, moving: sitk.Image, fixed_name: str, moving_name: str) -> None:
+    """Raise a DipregError unless both images have one dimensionality and overlap in space."""
+    if fixed.GetDimension() != moving.GetDimension():
+        raise DipregError(
+            f"{moving_name}: moving image is {moving.GetDimension()}D but fixed image "
+            f"{fixed_name} is {fixed.GetDimension()}D"
+        )
+    low_f, high_f = physical_bounds(fixed)
+    low_m, high_m = physical_bounds(moving)
+    half_voxel = 0.5 * np.maximum(np.array(fixed.GetSpacing()), np.array(moving.GetSpacing()))
+    if np.any(np.minimum(high_f, high_m) + half_voxel < np.maximum(low_f, low_m) - half_voxel):
+        raise DipregError(
+            f"{moving_name}: moving image does not overlap fixed image {fixed_name} in physical space"
+        )
+
+
+def resample_to_reference(
+    image: sitk.Image,
+    reference: sitk.Image,
+    transform: sitk.Transform | None = None,
+    labels: bool = False,
+    default_value: float = 0.0,
+) -> sitk.Image:
+    """Resample ``image`` onto ``reference``'s grid through ``transform`` (identity if None).
+
+    Linear interpolation for intensities, nearest neighbour for label maps.
+    """
+    interpolator = sitk.sitkNearestNeighbor if labels else sitk.sitkLinear
+    transform = transform or sitk.Transform(reference.GetDimension(), sitk.sitkIdentity)
+    return sitk.Resample(image, reference, transform, interpolator, default_value, image.GetPixelID())
+
+
+def intensity_range(image: sitk.Image) -> tuple[float, float]:
+    """Robust intensity range: the 0.5th and 99.5th percentiles (min/max if they coincide)."""
+    array = sitk.GetArrayViewFromImage(image)
+    low, high = np.percentile(array, INTENSITY_PERCENTILES)
+    if high <= low:
+        low, high = float(array.min()), float(array.max())
+    return float(low), float(high)
+
+
+def normalise(array: np.ndarray, value_range: tuple[float, float]) -> np.ndarray:
+    """Map ``value_range`` linearly onto [0, 1] and clip; returns float32."""
+    low, high = value_range
+    return np.clip((np.asarray(array, dtype=np.float32) - low) / (high - low), 0.0, 1.0)

@@ -1,0 +1,120 @@
+"""The Deep Image Prior "skip" encoder-decoder, for 2D and 3D from one definition."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _conv_cls(spatial_dims: int) -> type[nn.Module]:
+    return {2: nn.Conv2d, 3: nn.Conv3d}[spatial_dims]
+
+
+def _batchnorm_cls(spatial_dims: int) -> type[nn.Module]:
+    return {2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[spatial_dims]
+
+
+class PaddedConv(nn.Module):
+    """Convolution with reflection padding (replicate where the input is too small to reflect)."""
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int,
+                 kernel_size: int, stride: int = 1):
+        super().__init__()
+        self.pad = (kernel_size - 1) // 2
+        self.conv = _conv_cls(spatial_dims)(in_channels, out_channels, kernel_size, stride=stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pad:
+            mode = "reflect" if min(x.shape[2:]) > self.pad else "replicate"
+            x = F.pad(x, [self.pad] * (2 * (x.dim() - 2)), mode=mode)
+        return self.conv(x)
+
+
+def _conv_block(spatial_dims: int, in_channels: int, out_channels: int, kernel_size: int,
+                stride: int = 1, batchnorm: bool = True) -> list[nn.Module]:
+    layers: list[nn.Module] = [PaddedConv(spatial_dims, in_channels, out_channels, kernel_size, stride)]
+    if batchnorm:
+        layers.append(_batchnorm_cls(spatial_dims)(out_channels))
+    layers.append(nn.LeakyReLU(0.2))
+    return layers
+
+
+class _Level(nn.Module):
+    """One resolution level: skip branch and (down -> deeper -> up) branch, then merge."""
+
+    def __init__(self, spatial_dims: int, in_channels: int, down: int, up: int, skip: int,
+                 deeper: nn.Module | None, deeper_channels: int, batchnorm: bool, upsample_mode: str):
+        super().__init__()
+        self.skip = nn.Sequential(*_conv_block(spatial_dims, in_channels, skip, 1, batchnorm=batchnorm)) if skip else None
+        self.down = nn.Sequential(
+            *_conv_block(spatial_dims, in_channels, down, 3, stride=2, batchnorm=batchnorm),
+            *_conv_block(spatial_dims, down, down, 3, batchnorm=batchnorm),
+        )
+        self.deeper = deeper
+        self.upsample_mode = upsample_mode
+        merged = skip + (deeper_channels if deeper is not None else down)
+        merge: list[nn.Module] = [_batchnorm_cls(spatial_dims)(merged)] if batchnorm else []
+        merge += _conv_block(spatial_dims, merged, up, 3, batchnorm=batchnorm)
+        merge += _conv_block(spatial_dims, up, up, 1, batchnorm=batchnorm)
+        self.merge = nn.Sequential(*merge)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.down(x)
+        if self.deeper is not None:
+            y = self.deeper(y)
+        mode = self.upsample_mode
+        if mode == "linear":
+            mode = "bilinear" if x.dim() == 4 else "trilinear"
+        y = F.interpolate(y, size=x.shape[2:], mode=mode, **({} if mode == "nearest" else {"align_corners": False}))
+        if self.skip is not None:
+            y = torch.cat([self.skip(x), y], dim=1)
+        return self.merge(y)
+
+
+class SkipGenerator(nn.Module):
+    """Deep Image Prior "skip" network (Ulyanov et al.) mapping noise ``z`` to a field.
+
+    Per level: a strided 3x3 convolution down, a 3x3 convolution, BatchNorm and
+    LeakyReLU(0.2); a 1x1 skip branch with few channels; linear upsampling; reflection
+    padding. Works for any input size (each level upsamples to its input's size).
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: channels of the input noise ``z``.
+        out_channels: channels of the output (the field's ``ndim``).
+        channels: channels per level (down and up paths), finest level first.
+        skip_channels: skip-branch channels per level (a single int applies to all levels).
+        batchnorm: use BatchNorm layers.
+        upsample_mode: ``linear`` (bi/trilinear) or ``nearest``.
+        init_std: standard deviation of the normal initialisation of every weight.
+    """
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int,
+                 channels: Sequence[int], skip_channels: int | Sequence[int] = 4,
+                 batchnorm: bool = True, upsample_mode: str = "linear", init_std: float = 0.01):
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        skips = [skip_channels] * len(channels) if isinstance(skip_channels, int) else list(skip_channels)
+        level_inputs = [in_channels, *channels[:-1]]
+        deeper: nn.Module | None = None
+        deeper_channels = 0
+        for c_in, c, s in reversed(list(zip(level_inputs, channels, skips))):
+            deeper = _Level(spatial_dims, c_in, c, c, s, deeper, deeper_channels, batchnorm, upsample_mode)
+            deeper_channels = c
+        self.body = deeper
+        self.head = _conv_cls(spatial_dims)(channels[0], out_channels, 1)
+        self.reset_parameters(init_std)
+
+    def reset_parameters(self, init_std: float) -> None:
+        """Draw every convolution weight from N(0, init_std) and zero the biases."""
+        for module in self.modules():
+            if isinstance(module, (nn.Conv2d, nn.Conv3d)):
+                nn.init.normal_(module.weight, 0.0, init_std)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(z))

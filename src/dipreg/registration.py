@@ -1,0 +1,217 @@
+"""The public entry point :func:`register` and its :class:`RegistrationResult`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from dipreg import __version__
+from dipreg.engine import ProgressCallback, make_config, optimise
+from dipreg.images import (
+    ImageLike,
+    as_image,
+    check_compatible,
+    intensity_range,
+    normalise,
+    resample_to_reference,
+    same_grid,
+    write_image,
+)
+from dipreg.metrics import image_metrics, jacobian_statistics
+from dipreg.transforms import (
+    Grid,
+    displacement_image,
+    displacement_transform,
+    jacobian_determinant,
+    voxel_displacement_from_image,
+)
+
+#: File names written by :meth:`RegistrationResult.save`.
+OUTPUT_FILES = ("warped.nii.gz", "displacement.nii.gz", "jacobian.nii.gz", "qc.png", "metrics.json")
+
+
+@dataclass
+class RegistrationResult:
+    """Outcome of registering a moving image onto a fixed image.
+
+    Attributes:
+        fixed: the fixed image (defines the output grid).
+        moving: the moving image as given (its own grid, original intensities).
+        warped: the moving image resampled by phi onto the fixed grid, original intensities.
+        displacement: ITK displacement field (mm, physical axes) on the fixed grid.
+        jacobian: det(J_phi) on the fixed grid.
+        metrics: similarity and regularity figures plus run information.
+        loss_history: the loss at every iteration (empty for methods without one).
+    """
+
+    fixed: sitk.Image
+    moving: sitk.Image
+    warped: sitk.Image
+    displacement: sitk.Image
+    jacobian: sitk.Image
+    metrics: dict[str, Any]
+    loss_history: list[float] = field(default_factory=list)
+
+    @property
+    def displacement_array(self) -> np.ndarray:
+        """Displacement in mm as an array ``[*spatial, ndim]`` (array axis order, vectors last)."""
+        return sitk.GetArrayFromImage(self.displacement)
+
+    @property
+    def transform(self) -> sitk.DisplacementFieldTransform:
+        """The deformation as a SimpleITK transform (fixed-space points to moving-space points)."""
+        return displacement_transform(self.displacement)
+
+    def apply(self, image: sitk.Image, labels: bool = False) -> sitk.Image:
+        """Warp another image of the moving subject onto the fixed grid (labels: nearest neighbour)."""
+        return resample_to_reference(image, self.fixed, self.transform, labels=labels)
+
+    def save(self, outdir: str | os.PathLike) -> Path:
+        """Write warped, displacement, Jacobian, QC figure and metrics to ``outdir``.
+
+        Files are written into a temporary sibling directory first and moved into place
+        only when all of them exist, so a failure leaves no half-written output.
+        """
+        from dipreg.reports import save_qc_figure
+
+        outdir = Path(outdir)
+        outdir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.", dir=outdir.parent))
+        try:
+            write_image(self.warped, staging / "warped.nii.gz")
+            write_image(self.displacement, staging / "displacement.nii.gz")
+            write_image(self.jacobian, staging / "jacobian.nii.gz")
+            save_qc_figure(self, staging / "qc.png")
+            metrics = {**self.metrics, "loss_history": self.loss_history}
+            (staging / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+            publish_directory(staging, outdir)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return outdir
+
+
+def publish_directory(staging: Path, outdir: Path) -> None:
+    """Move a finished staging directory to ``outdir`` (merging into it if it exists)."""
+    if not outdir.exists():
+        staging.rename(outdir)
+        return
+    for item in staging.iterdir():
+        os.replace(item, outdir / item.name)
+
+
+def result_from_displacement(
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    displacement: sitk.Image,
+    info: dict[str, Any],
+    loss_history: list[float] | None = None,
+) -> RegistrationResult:
+    """Warp, Jacobian and metrics of a displacement field; shared by every method.
+
+    Args:
+        fixed: fixed image; ``displacement`` must lie on its grid.
+        moving: moving image on its own grid.
+        displacement: ITK displacement field image (mm).
+        info: run information added to the metrics (method, options, seconds...).
+        loss_history: loss per iteration, if the method has one.
+    """
+    warped = resample_to_reference(moving, fixed, displacement_transform(displacement))
+    det = jacobian_determinant(voxel_displacement_from_image(displacement)).astype(np.float32)
+    jacobian = Grid.from_image(fixed).to_image(det)
+    fixed01 = normalise(sitk.GetArrayViewFromImage(fixed), intensity_range(fixed))
+    warped01 = normalise(sitk.GetArrayViewFromImage(warped), intensity_range(moving))
+    metrics = {
+        **image_metrics(fixed01, warped01),
+        **jacobian_statistics(det),
+        "ssim_definition": "skimage structural_similarity, images scaled to [0,1] by 0.5-99.5 percentiles, data_range=1",
+        **info,
+        "dipreg_version": __version__,
+    }
+    return RegistrationResult(fixed, moving, warped, displacement, jacobian, metrics, list(loss_history or []))
+
+
+def load_pair(
+    fixed: ImageLike,
+    moving: ImageLike,
+    channel: int | None = None,
+    fixed_channel: int | None = None,
+    moving_channel: int | None = None,
+    spacing: tuple[float, ...] | None = None,
+) -> tuple[sitk.Image, sitk.Image]:
+    """Read and validate a fixed and a moving image (per-image channels override ``channel``)."""
+    fixed_name = str(fixed) if isinstance(fixed, (str, os.PathLike)) else "fixed image"
+    moving_name = str(moving) if isinstance(moving, (str, os.PathLike)) else "moving image"
+    fixed_image = as_image(fixed, fixed_name, spacing, fixed_channel if fixed_channel is not None else channel)
+    moving_image = as_image(moving, moving_name, spacing, moving_channel if moving_channel is not None else channel)
+    check_compatible(fixed_image, moving_image, fixed_name, moving_name)
+    return fixed_image, moving_image
+
+
+def register(
+    fixed: ImageLike,
+    moving: ImageLike,
+    preset: str = "default",
+    *,
+    channel: int | None = None,
+    fixed_channel: int | None = None,
+    moving_channel: int | None = None,
+    spacing: tuple[float, ...] | None = None,
+    progress: bool = False,
+    callback: ProgressCallback | None = None,
+    **options: Any,
+) -> RegistrationResult:
+    """Register ``moving`` onto ``fixed`` with a deep image prior (or the classic free field).
+
+    Args:
+        fixed: path, SimpleITK image, or numpy array (SimpleITK axis order) of the fixed image.
+        moving: the same for the moving image; resampled into the fixed grid's physical
+            space first if its geometry differs.
+        preset: named option set (see :data:`dipreg.engine.PRESETS`).
+        channel: channel to use from multi-channel images; ``fixed_channel`` and
+            ``moving_channel`` override it per image.
+        spacing: voxel spacing ``(x, y[, z])`` for numpy inputs (default 1 mm).
+        progress: show a progress bar.
+        callback: called as ``callback(iteration, loss)`` after each iteration.
+        **options: any field of :class:`dipreg.engine.RegistrationConfig`.
+
+    Returns:
+        A :class:`RegistrationResult`; ``result.save(outdir)`` writes the standard files.
+
+    Raises:
+        DipregError: for unusable inputs or a diverging optimisation.
+    """
+    config = make_config(preset, **options)
+    fixed_image, moving_image = load_pair(fixed, moving, channel, fixed_channel, moving_channel, spacing)
+    moving_on_fixed = moving_image if same_grid(fixed_image, moving_image) else resample_to_reference(moving_image, fixed_image)
+    grid = Grid.from_image(fixed_image)
+
+    def tensor(image: sitk.Image, value_range: tuple[float, float]) -> torch.Tensor:
+        array = normalise(sitk.GetArrayViewFromImage(image), value_range)
+        return torch.from_numpy(array)[None, None]
+
+    outcome = optimise(
+        tensor(fixed_image, intensity_range(fixed_image)),
+        tensor(moving_on_fixed, intensity_range(moving_image)),
+        grid, config, progress=progress, callback=callback,
+    )
+    world = grid.normalized_to_world(outcome.displacement.double())[0].numpy()
+    info = {
+        "method": config.method,
+        "preset": preset,
+        "iterations": outcome.iterations,
+        "stop_reason": outcome.stop_reason,
+        "seconds": outcome.seconds,
+        "device": outcome.device,
+        "options": dataclasses.asdict(config),
+    }
+    return result_from_displacement(fixed_image, moving_image, displacement_image(world, grid), info, outcome.loss_history)
