@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from dipreg.errors import DipregError
-from dipreg.losses import diffusion, similarity_loss
+from dipreg.losses import diffusion, ncc, similarity_loss
 from dipreg.networks import SkipGenerator
 from dipreg.transforms import Grid, identity_grid, integrate_velocity, resize_field, warp
 
@@ -56,7 +57,11 @@ class RegistrationConfig:
     skip_channels: int = _option(4, "skip-connection channels per level")
     batchnorm: bool = _option(True, "BatchNorm in the network")
     init_std: float = _option(0.01, "standard deviation of the N(0, s) weight initialisation")
-    iterations: int = _option(400, "maximum Adam iterations")
+    affine: bool = _option(True, "affine pre-alignment (global NCC) before the deformable stage")
+    affine_iterations: int = _option(200, "Adam iterations of the affine stage")
+    affine_learning_rate: float = _option(1e-2, "Adam learning rate of the affine translation (matrix: a quarter of it)")
+    pyramid_levels: int = _option(2, "coarse-to-fine image levels of the deformable stage (halving per level)")
+    iterations: int = _option(400, "maximum Adam iterations of the deformable stage (split over the pyramid levels)")
     learning_rate: float = _option(5e-3, "Adam learning rate")
     patience: int = _option(100, "stop when the smoothed loss has not improved for this many iterations (0 = never)")
     seed: int = _option(0, "random seed (network weights and noise)")
@@ -83,7 +88,7 @@ PRESETS: dict[str, dict] = {
     "default": {},
     "paper": dict(
         loss="mae", regularization=0.0, field="displacement", field_resolution=1.0,
-        z_mode="fresh", channels=128, levels=5, skip_channels=4, input_channels=32,
+        z_mode="fresh", channels=128, levels=5, skip_channels=4, input_channels=32, affine=False, pyramid_levels=1,
         learning_rate=1e-2, iterations=500, patience=0,
     ),
     "fast": dict(iterations=150, channels=16, patience=30),
@@ -163,6 +168,106 @@ class FieldModel(torch.nn.Module):
         return self.network(z).contiguous()
 
 
+class _Stopper:
+    """Early stopping on an exponentially smoothed loss, and the NaN/Inf guard."""
+
+    def __init__(self, patience: int):
+        self.patience = patience
+        self.smoothed = self.best = math.inf
+        self.best_iteration = 0
+
+    def update(self, iteration: int, value: float) -> bool:
+        """Record a loss; True when the smoothed loss has not improved for ``patience`` steps."""
+        if not math.isfinite(value):
+            raise DipregError(f"registration diverged: loss became {value} at iteration {iteration}; "
+                              "try a smaller --learning-rate")
+        self.smoothed = value if not math.isfinite(self.smoothed) else 0.9 * self.smoothed + 0.1 * value
+        if self.smoothed < self.best - 1e-4 * abs(self.smoothed):
+            self.best, self.best_iteration = self.smoothed, iteration
+            return False
+        return bool(self.patience) and iteration - self.best_iteration >= self.patience
+
+
+def downsample(image: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Smooth (3-voxel box) and resample an image to ``shape`` on the same normalised extent."""
+    if tuple(image.shape[2:]) == tuple(shape):
+        return image
+    pool = F.avg_pool2d if image.dim() == 4 else F.avg_pool3d
+    smoothed = pool(image, 3, stride=1, padding=1, count_include_pad=False)
+    return F.interpolate(smoothed, size=shape, mode="bilinear" if image.dim() == 4 else "trilinear", align_corners=True)
+
+
+def pyramid_shapes(shape: tuple[int, ...], levels: int, minimum: int = 16) -> list[tuple[int, ...]]:
+    """Image shapes of a coarse-to-fine pyramid (halving per level), ending with ``shape``."""
+    shapes = [tuple(shape)]
+    for _ in range(levels - 1):
+        smaller = tuple(max(2, (n + 1) // 2) for n in shapes[0])
+        if min(smaller) < minimum:
+            break
+        shapes.insert(0, smaller)
+    return shapes
+
+
+def affine_displacement(matrix: torch.Tensor, translation: torch.Tensor, identity: torch.Tensor) -> torch.Tensor:
+    """Normalised displacement ``(M - I) x + t`` of an affine map on an identity grid."""
+    ndim = matrix.shape[0]
+    points = identity.reshape(-1, ndim)
+    moved = points @ matrix.T + translation
+    field = (moved - points).reshape(*identity.shape)
+    return field.movedim(-1, 1)
+
+
+def center_of_mass(image: torch.Tensor, identity: torch.Tensor) -> torch.Tensor:
+    """Intensity-weighted centre (normalised coordinates) of a ``[1, 1, *spatial]`` image."""
+    weights = image.reshape(-1, 1)
+    return (identity.reshape(-1, identity.shape[-1]) * weights).sum(0) / weights.sum().clamp_min(1e-8)
+
+
+def align_affine(fixed: torch.Tensor, moving: torch.Tensor, config: "RegistrationConfig",
+                 progress: bool) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """Affine pre-alignment (normalised coordinates) by global NCC on a coarse-to-fine pyramid.
+
+    Starts from the translation that aligns the intensity centres of mass.
+
+    Returns:
+        ``(matrix, translation, loss_history)`` with ``moving(M x + t) ≈ fixed(x)``.
+    """
+    ndim = fixed.dim() - 2
+    device = fixed.device
+    identity = identity_grid(tuple(fixed.shape[2:]), device)
+    translation = (center_of_mass(moving, identity) - center_of_mass(fixed, identity)).detach().requires_grad_(True)
+    matrix = torch.eye(ndim, device=device).requires_grad_(True)
+    optimizer = torch.optim.Adam([{"params": [matrix], "lr": config.affine_learning_rate / 4},
+                                  {"params": [translation], "lr": config.affine_learning_rate}])
+    history: list[float] = []
+    shapes = pyramid_shapes(tuple(fixed.shape[2:]), 3, minimum=24)[:-1] or [tuple(fixed.shape[2:])]
+    iterations = max(1, config.affine_iterations // len(shapes))
+    for shape in shapes:
+        fixed_level, moving_level = downsample(fixed, shape), downsample(moving, shape)
+        identity_level = identity_grid(shape, device)
+        stopper = _Stopper(patience=30)
+        best = (math.inf, matrix.detach().clone(), translation.detach().clone())
+        for iteration in tqdm(range(iterations), disable=not progress, desc=f"affine {shape}", unit="it", leave=False):
+            optimizer.zero_grad(set_to_none=True)
+            warped = warp(moving_level, affine_displacement(matrix, translation, identity_level), identity_level)
+            loss = ncc(fixed_level, warped)
+            value = float(loss.detach())
+            history.append(value)
+            if value < best[0]:
+                best = (value, matrix.detach().clone(), translation.detach().clone())
+            if stopper.update(iteration, value):
+                break
+            loss.backward()
+            optimizer.step()
+        # Adam keeps stepping near the optimum: continue from, and return, the best parameters seen.
+        with torch.no_grad():
+            matrix.copy_(best[1])
+            translation.copy_(best[2])
+        for group in optimizer.param_groups:
+            group["lr"] /= 2
+    return matrix.detach(), translation.detach(), history
+
+
 def optimise(
     fixed: torch.Tensor,
     moving: torch.Tensor,
@@ -173,13 +278,16 @@ def optimise(
 ) -> OptimisationResult:
     """Find the field that warps ``moving`` onto ``fixed``.
 
+    Optional affine pre-alignment, then the deformable field on a coarse-to-fine image
+    pyramid; the returned displacement composes both: ``u = u_affine + M u_deformable``.
+
     Args:
         fixed: ``[1, 1, *spatial]`` fixed image, intensities scaled to about [0, 1].
         moving: ``[1, 1, *spatial]`` moving image already on the fixed grid, same scaling.
         grid: geometry of the fixed image (converts mm to sampler units).
         config: the options.
         progress: show a progress bar with the current loss.
-        callback: called as ``callback(iteration, loss)`` after every iteration.
+        callback: called as ``callback(iteration, loss)`` after every deformable iteration.
 
     Raises:
         DipregError: if the loss becomes NaN or Inf.
@@ -189,63 +297,71 @@ def optimise(
     torch.manual_seed(config.seed)
     ndim = grid.ndim
     shape = grid.shape
+    fixed, moving = fixed.to(device), moving.to(device)
+    identity = identity_grid(shape, device)
+
+    matrix, translation = torch.eye(ndim, device=device), torch.zeros(ndim, device=device)
+    history: list[float] = []
+    if config.affine:
+        matrix, translation, history = align_affine(fixed, moving, config, progress)
+        with torch.no_grad():
+            moving = warp(moving, affine_displacement(matrix, translation, identity), identity)
+
     coarse_shape = field_grid_shape(shape, config.field_resolution)
     coarse_spacing = [s * (n - 1) / (m - 1) for s, n, m in zip(grid.spacing, grid.size, reversed(coarse_shape))]
-
     model = FieldModel(config, ndim, coarse_shape).to(device)
     if config.channels_last and model.network is not None:
         model.network.to(memory_format=torch.channels_last if ndim == 2 else torch.channels_last_3d)
-    fixed, moving = fixed.to(device), moving.to(device)
-    identity = identity_grid(shape, device)
     identity_coarse = identity_grid(coarse_shape, device) if config.field == "svf" else None
     to_normalized = torch.as_tensor(grid.world_to_normalized_matrix(), dtype=torch.float32, device=device)
     similarity = similarity_loss(config.loss, config.lncc_window)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
 
-    def displacement_from(field_mm: torch.Tensor) -> torch.Tensor:
+    def displacement_from(field_mm: torch.Tensor, level_shape: tuple[int, ...]) -> torch.Tensor:
         field_normalized = torch.einsum("ij,bj...->bi...", to_normalized, field_mm)
         if config.field == "svf":
             field_normalized = integrate_velocity(field_normalized, identity_coarse, config.integration_steps)
-        return resize_field(field_normalized, shape)
+        return resize_field(field_normalized, level_shape)
 
-    history: list[float] = []
-    smoothed = best = math.inf
-    best_iteration = 0
     stop_reason = "maximum iterations reached"
-    bar = tqdm(range(config.iterations), disable=not progress, desc="registering", unit="it", leave=False)
-    for iteration in bar:
-        optimizer.zero_grad(set_to_none=True)
-        field_mm = model()
-        warped = warp(moving, displacement_from(field_mm), identity)
-        loss = similarity(fixed, warped)
-        if config.regularization > 0:
-            loss = loss + config.regularization * diffusion(field_mm, coarse_spacing)
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            bar.close()
-            raise DipregError(f"registration diverged: loss became {value} at iteration {iteration}; "
-                              "try a smaller --learning-rate")
-        loss.backward()
-        optimizer.step()
-        history.append(value)
-        if callback is not None:
-            callback(iteration, value)
-        smoothed = value if iteration == 0 else 0.9 * smoothed + 0.1 * value
-        if iteration % 10 == 0:
-            bar.set_postfix(loss=f"{value:.4f}")
-        if smoothed < best - 1e-4 * abs(best if math.isfinite(best) else smoothed):
-            best, best_iteration = smoothed, iteration
-        elif config.patience and iteration - best_iteration >= config.patience:
-            stop_reason = f"loss stopped improving for {config.patience} iterations"
-            break
-    bar.close()
+    levels = pyramid_shapes(shape, config.pyramid_levels)
+    per_level = max(1, config.iterations // len(levels))
+    iteration = 0
+    for level, level_shape in enumerate(levels):
+        fixed_level, moving_level = downsample(fixed, level_shape), downsample(moving, level_shape)
+        identity_level = identity if level_shape == shape else identity_grid(level_shape, device)
+        stopper = _Stopper(config.patience)
+        count = per_level if level < len(levels) - 1 else config.iterations - per_level * (len(levels) - 1)
+        bar = tqdm(range(count), disable=not progress, desc=f"deformable {'x'.join(map(str, level_shape))}",
+                   unit="it", leave=False)
+        for step in bar:
+            optimizer.zero_grad(set_to_none=True)
+            field_mm = model()
+            warped = warp(moving_level, displacement_from(field_mm, level_shape), identity_level)
+            loss = similarity(fixed_level, warped)
+            if config.regularization > 0:
+                loss = loss + config.regularization * diffusion(field_mm, coarse_spacing)
+            value = float(loss.detach())
+            history.append(value)
+            iteration += 1
+            if callback is not None:
+                callback(iteration, value)
+            if step % 10 == 0:
+                bar.set_postfix(loss=f"{value:.4f}")
+            if stopper.update(step, value):
+                stop_reason = f"loss stopped improving for {config.patience} iterations"
+                break
+            loss.backward()
+            optimizer.step()
+        bar.close()
 
     with torch.no_grad():
-        displacement = displacement_from(model(final=True))
+        deformable = displacement_from(model(final=True), shape)
+        displacement = affine_displacement(matrix, translation, identity) + torch.einsum("ij,bj...->bi...", matrix, deformable)
     return OptimisationResult(
         displacement=displacement.detach().cpu(),
         loss_history=history,
-        iterations=len(history),
+        iterations=iteration,
         seconds=time.perf_counter() - start,
         device=str(device),
         stop_reason=stop_reason,
