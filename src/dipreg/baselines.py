@@ -1,0 +1,233 @@
+"""Registration methods to compare: dipreg itself and the baselines ITK, ANTs and identity.
+
+Every method returns a :class:`~dipreg.registration.RegistrationResult` built by
+:func:`~dipreg.registration.result_from_displacement` from ONE displacement field on the
+fixed grid, so all methods share the output writer and the metric code.
+:func:`run_method` also measures the wall-clock seconds and the peak memory of the call.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from dipreg.errors import DipregError
+from dipreg.images import intensity_range, write_image
+from dipreg.registration import RegistrationResult, register, result_from_displacement
+from dipreg.transforms import Grid, displacement_image
+
+#: Methods known to :func:`run_method`.
+METHODS = ("dip", "classic", "itk", "ants", "identity")
+
+#: Preset used by ``dip`` and ``classic`` when none is given.
+DEFAULT_PRESETS = {"dip": "default", "classic": "classic"}
+
+#: Settings of the ITK baseline (multi-resolution affine, then a dense displacement field).
+ITK_SETTINGS: dict[str, Any] = {
+    "affine": {
+        "initialiser": "centred geometry",
+        "metric": "Mattes mutual information, 50 bins, ~20000 random samples per level",
+        "optimiser": "regular step gradient descent: learning rate 1, min step 1e-4, 200 iterations, relaxation 0.5",
+        "shrink_factors": [4, 2, 1],
+        "smoothing_sigmas_mm": [2, 1, 0],
+    },
+    "deformable": {
+        "transform": "DisplacementFieldTransform on the fixed grid, Gaussian smoothing of the total field (variance 1.5)",
+        "metric": "ANTs neighbourhood correlation, radius 2",
+        "optimiser": "gradient descent, learning rate estimated each iteration, 100 iterations per level, "
+                     "convergence window 10 (1e-6)",
+        "shrink_factors": [4, 2, 1],
+        "smoothing_sigmas_mm": [2, 1, 0],
+    },
+}
+_SHRINK_FACTORS = [4, 2, 1]
+_SMOOTHING_SIGMAS = [2.0, 1.0, 0.0]
+_AFFINE_SAMPLES = 20000
+
+#: How :func:`run_method` measures peak memory.
+PEAK_MEMORY_DEFINITIONS = {
+    "vmhwm": "peak resident set size of the process during the method (Linux VmHWM, reset before the call)",
+    "maxrss": "peak resident set size of the process since it started (getrusage ru_maxrss): an upper bound",
+}
+
+
+def _displacement_on_fixed_grid(transform: sitk.Transform, fixed: sitk.Image) -> sitk.Image:
+    converter = sitk.TransformToDisplacementFieldFilter()
+    converter.SetReferenceImage(fixed)
+    converter.SetOutputPixelType(sitk.sitkVectorFloat64)
+    return converter.Execute(transform)
+
+
+def _multi_resolution(method: sitk.ImageRegistrationMethod) -> None:
+    method.SetShrinkFactorsPerLevel(_SHRINK_FACTORS)
+    method.SetSmoothingSigmasPerLevel(_SMOOTHING_SIGMAS)
+    method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
+    method.SetInterpolator(sitk.sitkLinear)
+
+
+def itk_affine(fixed: sitk.Image, moving: sitk.Image, seed: int = 0) -> sitk.Transform:
+    """Affine transform (fixed points to moving points) found by SimpleITK, see :data:`ITK_SETTINGS`."""
+    dim = fixed.GetDimension()
+    initial = sitk.CenteredTransformInitializer(fixed, moving, sitk.AffineTransform(dim),
+                                                sitk.CenteredTransformInitializerFilter.GEOMETRY)
+    method = sitk.ImageRegistrationMethod()
+    method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=50)
+    method.SetMetricSamplingStrategy(method.RANDOM)
+    voxels = float(np.prod(fixed.GetSize()))
+    method.SetMetricSamplingPercentagePerLevel(
+        [min(1.0, _AFFINE_SAMPLES * factor**dim / voxels) for factor in _SHRINK_FACTORS], seed)
+    method.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-4, numberOfIterations=200,
+                                                    relaxationFactor=0.5, gradientMagnitudeTolerance=1e-8)
+    method.SetOptimizerScalesFromPhysicalShift()
+    _multi_resolution(method)
+    method.SetInitialTransform(initial, inPlace=False)
+    return method.Execute(fixed, moving)
+
+
+def itk_registration(fixed: sitk.Image, moving: sitk.Image, seed: int = 0) -> RegistrationResult:
+    """The paper's baseline: SimpleITK affine, then a deformable displacement-field registration.
+
+    Both stages are multi-resolution (see :data:`ITK_SETTINGS`); the composed transform is
+    converted to one displacement field on the fixed grid.
+
+    Args:
+        fixed: fixed image.
+        moving: moving image (any grid overlapping the fixed one in physical space).
+        seed: seed of the affine metric's random sampling.
+    """
+    affine = itk_affine(fixed, moving, seed)
+    zero = sitk.Image(fixed.GetSize(), sitk.sitkVectorFloat64, fixed.GetDimension())
+    zero.CopyInformation(fixed)
+    deformable = sitk.DisplacementFieldTransform(zero)
+    deformable.SetSmoothingGaussianOnUpdate(varianceForUpdateField=0.0, varianceForTotalField=1.5)
+    method = sitk.ImageRegistrationMethod()
+    method.SetMetricAsANTSNeighborhoodCorrelation(radius=2)
+    method.MetricUseFixedImageGradientFilterOff()
+    method.SetOptimizerAsGradientDescent(learningRate=1.0, numberOfIterations=100, convergenceMinimumValue=1e-6,
+                                         convergenceWindowSize=10, estimateLearningRate=method.EachIteration)
+    method.SetOptimizerScalesFromPhysicalShift()
+    _multi_resolution(method)
+    method.SetMovingInitialTransform(affine)
+    method.SetInitialTransform(deformable, inPlace=True)
+    method.Execute(fixed, moving)
+    # ITK composites apply the last transform first: p -> affine(p + u_deformable(p))
+    field = _displacement_on_fixed_grid(sitk.CompositeTransform([affine, deformable]), fixed)
+    info = {"method": "itk", "options": {**ITK_SETTINGS, "seed": seed},
+            "stop_reason": method.GetOptimizerStopConditionDescription()}
+    return result_from_displacement(fixed, moving, field, info)
+
+
+def ants_registration(fixed: sitk.Image, moving: sitk.Image) -> RegistrationResult:
+    """ANTsPy ``registration(type_of_transform="SyN")`` with its defaults (affine + SyN).
+
+    The forward transforms are composed by ``antsApplyTransforms`` into one displacement
+    field on the fixed grid (the ITK convention dipreg uses). ``ants_warped_difference`` in
+    the metrics is the largest difference between the moving image warped by that field and
+    ANTs' own warped image, relative to the moving intensity range (about 1e-5 when the
+    conventions agree).
+
+    Raises:
+        DipregError: if ANTsPy (the ``dipreg[ants]`` extra) is not installed.
+    """
+    try:
+        import ants
+    except ImportError:
+        raise DipregError("method ants needs ANTsPy: pip install 'dipreg[ants]' (package antspyx)") from None
+    with tempfile.TemporaryDirectory(prefix="dipreg-ants-") as tmp:
+        # File round trips keep the physical geometry exactly as SimpleITK has it.
+        write_image(fixed, Path(tmp, "fixed.nii.gz"))
+        write_image(moving, Path(tmp, "moving.nii.gz"))
+        ants_fixed = ants.image_read(str(Path(tmp, "fixed.nii.gz")))
+        ants_moving = ants.image_read(str(Path(tmp, "moving.nii.gz")))
+        outcome = ants.registration(ants_fixed, ants_moving, type_of_transform="SyN", outprefix=str(Path(tmp, "syn_")))
+        composed = ants.apply_transforms(ants_fixed, ants_moving, outcome["fwdtransforms"],
+                                         compose=str(Path(tmp, "composed_")))
+        field = sitk.Cast(sitk.ReadImage(composed), sitk.sitkVectorFloat64)
+        ants.image_write(outcome["warpedmovout"], str(Path(tmp, "warped.nii.gz")))
+        ants_warped = sitk.GetArrayFromImage(sitk.ReadImage(str(Path(tmp, "warped.nii.gz"))))
+    field.CopyInformation(fixed)
+    info = {"method": "ants", "options": {"type_of_transform": "SyN", "antspyx": ants.__version__}}
+    result = result_from_displacement(fixed, moving, field, info)
+    # Convention check: our field must reproduce ANTs' own warped image.
+    low, high = intensity_range(moving)
+    difference = np.abs(sitk.GetArrayFromImage(result.warped) - ants_warped).max() / (high - low)
+    result.metrics["ants_warped_difference"] = float(difference)
+    return result
+
+
+def identity_registration(fixed: sitk.Image, moving: sitk.Image) -> RegistrationResult:
+    """No registration: a zero field (the moving image only resampled into fixed space)."""
+    grid = Grid.from_image(fixed)
+    field = displacement_image(np.zeros((grid.ndim, *grid.shape)), grid)
+    return result_from_displacement(fixed, moving, field, {"method": "identity", "options": {}})
+
+
+def _reset_peak_memory() -> str:
+    """Reset the process's peak RSS if the OS allows it; returns the measurement used."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return "vmhwm"
+    except OSError:
+        return "maxrss"
+
+
+def _peak_memory_mb(measurement: str) -> float:
+    if measurement == "vmhwm":
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024.0
+
+
+def run_method(method: str, fixed: sitk.Image, moving: sitk.Image, preset: str | None = None,
+               **options: Any) -> RegistrationResult:
+    """Register with one of :data:`METHODS`, timing the call and measuring its peak memory.
+
+    Args:
+        method: ``dip`` and ``classic`` run :func:`dipreg.register` (``classic`` with the
+            free field); ``itk``, ``ants`` and ``identity`` are the baselines.
+        fixed: fixed image.
+        moving: moving image.
+        preset: preset of ``dip`` / ``classic`` (default: ``default`` / ``classic``).
+        **options: registration options of ``dip`` and ``classic``.
+
+    Returns:
+        The result; its metrics hold ``seconds`` (wall clock of the whole call, the same
+        for every method), ``peak_memory_mb`` and ``peak_memory_definition``. For ``dip``
+        and ``classic`` the optimiser's own time is kept as ``optimisation_seconds``.
+
+    Raises:
+        DipregError: for an unknown method, or options given to a baseline.
+    """
+    if method not in METHODS:
+        raise DipregError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    if method not in DEFAULT_PRESETS and (options or preset is not None):
+        raise DipregError(f"method {method} takes no registration options (got "
+                          f"{', '.join(sorted(options)) or 'preset'}); they apply to dip and classic")
+    measurement = _reset_peak_memory()
+    start = time.perf_counter()
+    if method in DEFAULT_PRESETS:
+        result = register(fixed, moving, preset or DEFAULT_PRESETS[method], **{**options, "method": method})
+        result.metrics["optimisation_seconds"] = result.metrics["seconds"]
+    elif method in ("itk", "ants"):
+        try:
+            result = itk_registration(fixed, moving) if method == "itk" else ants_registration(fixed, moving)
+        except RuntimeError as exc:
+            lines = str(exc).strip().splitlines() or ["unknown error"]
+            raise DipregError(f"{method} registration failed: {lines[-1].strip()}") from None
+    else:
+        result = identity_registration(fixed, moving)
+    result.metrics["seconds"] = time.perf_counter() - start
+    result.metrics["peak_memory_mb"] = _peak_memory_mb(measurement)
+    result.metrics["peak_memory_definition"] = PEAK_MEMORY_DEFINITIONS[measurement]
+    return result
