@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
+from dipreg.engine import make_config
 from dipreg.errors import DipregError
 from dipreg.images import intensity_range, write_image
 from dipreg.registration import RegistrationResult, register, result_from_displacement
@@ -189,6 +190,17 @@ def _peak_memory_mb(measurement: str) -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024.0
 
 
+def check_method(method: str, preset: str | None, options: dict[str, Any]) -> None:
+    """Raise a DipregError for an unknown method, or options the method cannot take."""
+    if method not in METHODS:
+        raise DipregError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    if method in DEFAULT_PRESETS:
+        make_config(preset or DEFAULT_PRESETS[method], **{**options, "method": method})
+    elif options or preset is not None:
+        raise DipregError(f"method {method} takes no registration options (got "
+                          f"{', '.join(sorted(options)) or 'preset'}); they apply to dip and classic")
+
+
 def run_method(method: str, fixed: sitk.Image, moving: sitk.Image, preset: str | None = None,
                **options: Any) -> RegistrationResult:
     """Register with one of :data:`METHODS`, timing the call and measuring its peak memory.
@@ -209,11 +221,7 @@ def run_method(method: str, fixed: sitk.Image, moving: sitk.Image, preset: str |
     Raises:
         DipregError: for an unknown method, or options given to a baseline.
     """
-    if method not in METHODS:
-        raise DipregError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    if method not in DEFAULT_PRESETS and (options or preset is not None):
-        raise DipregError(f"method {method} takes no registration options (got "
-                          f"{', '.join(sorted(options)) or 'preset'}); they apply to dip and classic")
+    check_method(method, preset, options)
     measurement = _reset_peak_memory()
     start = time.perf_counter()
     if method in DEFAULT_PRESETS:

@@ -15,6 +15,7 @@ import SimpleITK as sitk
 from dipreg import __version__
 from dipreg.engine import PRESETS, RegistrationConfig
 from dipreg.errors import DipregError
+from dipreg.evaluation import EVALUATION_COMMANDS, add_evaluation_commands, run_evaluation_command
 from dipreg.images import read_image, resample_to_reference, write_image
 from dipreg.registration import publish_directory, register
 from dipreg.transforms import displacement_transform
@@ -87,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("--reference", type=Path, default=None, help="grid of the output (default: the displacement field's grid)")
     apply.add_argument("--labels", action="store_true", help="nearest-neighbour interpolation for label maps")
     apply.add_argument("--channel", type=int, default=None, help="channel of a multi-channel image")
+    add_evaluation_commands(commands)
     return parser
 
 
@@ -139,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
                 return _run_registration(fixed, moving, args)
         if args.command == "apply":
             return _run_apply(args)
+        if args.command in EVALUATION_COMMANDS:
+            return run_evaluation_command(args)
     except DipregError as exc:
         print(f"dipreg: error: {exc}", file=sys.stderr)
         return 1
