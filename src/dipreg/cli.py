@@ -16,7 +16,7 @@ from dipreg import __version__
 from dipreg.engine import PRESETS, RegistrationConfig
 from dipreg.errors import DipregError
 from dipreg.evaluation import EVALUATION_COMMANDS, add_evaluation_commands, run_evaluation_command
-from dipreg.images import read_image, resample_to_reference, write_image
+from dipreg.images import read_image, read_labels, resample_to_reference, write_image
 from dipreg.registration import publish_directory, register
 from dipreg.transforms import displacement_transform
 
@@ -54,8 +54,9 @@ def registration_options(args: argparse.Namespace) -> dict:
 def _add_io_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", required=True, type=Path, help="output directory (created; files in it are replaced)")
     parser.add_argument("--channel", type=int, default=None,
-                        help="channel of multi-channel images (e.g. 1 = FLAIR in the TCGA-LGG TIFFs)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+                        help="channel of multi-channel images (e.g. 1 = FLAIR in the TCGA-LGG TIFFs) "
+                        "(default: none; multi-channel images then stop with an error)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or summary (default: off)")
     add_registration_options(parser)
 
 
@@ -86,13 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("image", type=Path, help="image of the moving subject to warp")
     apply.add_argument("-o", "--output", required=True, type=Path, help="output image file (e.g. warped_labels.nii.gz)")
     apply.add_argument("--reference", type=Path, default=None, help="grid of the output (default: the displacement field's grid)")
-    apply.add_argument("--labels", action="store_true", help="nearest-neighbour interpolation for label maps")
-    apply.add_argument("--channel", type=int, default=None, help="channel of a multi-channel image")
+    apply.add_argument("--labels", action="store_true",
+                       help="label map: nearest-neighbour interpolation, pixel type kept (default: off, linear)")
+    apply.add_argument("--channel", type=int, default=None,
+                       help="channel of a multi-channel image (default: none; the image must have one channel)")
     add_evaluation_commands(commands)
     return parser
 
 
 def _run_registration(fixed, moving, args: argparse.Namespace) -> int:
+    if args.output.exists() and not args.output.is_dir():
+        raise DipregError(f"{args.output}: output exists and is not a directory")
     result = register(fixed, moving, args.preset, channel=args.channel, progress=not args.quiet,
                       **registration_options(args))
     result.save(args.output)
@@ -104,8 +109,12 @@ def _run_registration(fixed, moving, args: argparse.Namespace) -> int:
 
 def _run_apply(args: argparse.Namespace) -> int:
     field = read_displacement(args.displacement)
-    image = sitk.ReadImage(str(args.image)) if args.labels else read_image(args.image, args.channel)
+    image = read_labels(args.image) if args.labels else read_image(args.image, args.channel)
     reference = read_image(args.reference) if args.reference else field
+    for path, other in ((args.image, image), (args.reference, reference)):
+        if other.GetDimension() != field.GetDimension():
+            raise DipregError(f"{path}: image is {other.GetDimension()}D but displacement field "
+                              f"{args.displacement} is {field.GetDimension()}D")
     warped = resample_to_reference(image, reference, displacement_transform(field), labels=args.labels)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.output.parent) as staging:

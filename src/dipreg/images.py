@@ -8,6 +8,7 @@ reversed axis order: ``(z, y, x)`` for 3D and ``(y, x)`` for 2D.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Union
 
@@ -49,9 +50,50 @@ def read_image(path: str | os.PathLike, channel: int | None = None) -> sitk.Imag
         else:
             image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
-        first_line = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown error"
-        raise DipregError(f"{path}: cannot read image ({first_line})") from None
+        reason = _itk_error_reason(exc)
+        dimension = re.search(r"unsupported image dimension of (\d+)", reason)
+        if dimension:
+            raise DipregError(f"{path}: {dimension.group(1)}D images are not supported (2D or 3D only)") from None
+        raise DipregError(f"{path}: cannot read image ({reason})") from None
     return prepare_image(image, name=str(path), channel=channel)
+
+
+def _itk_error_reason(exc: RuntimeError) -> str:
+    """The message of a SimpleITK exception on one line, without its source-location preamble."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    if "sitk::ERROR:" in text:
+        text = text.split("sitk::ERROR:", 1)[1].strip()
+    return text or "unknown error"
+
+
+def read_labels(path: str | os.PathLike) -> sitk.Image:
+    """Read a label map as it is stored (integer type kept), 2D or 3D, one channel.
+
+    Unlike :func:`read_image` it keeps the pixel type and accepts constant maps.
+
+    Raises:
+        DipregError: if the file is missing or unreadable, or is not a 2D/3D scalar image.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DipregError(f"{path}: file not found")
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        raise DipregError(f"{path}: cannot read label image ({_itk_error_reason(exc)})") from None
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise DipregError(f"{path}: a label image needs one channel, not {image.GetNumberOfComponentsPerPixel()}")
+    image = _drop_singleton_third_axis(image)
+    if image.GetDimension() not in (2, 3):
+        raise DipregError(f"{path}: {image.GetDimension()}D images are not supported (2D or 3D only)")
+    return image
+
+
+def _drop_singleton_third_axis(image: sitk.Image) -> sitk.Image:
+    """A 3D image one voxel thick becomes 2D (a slice stored as a volume)."""
+    if image.GetDimension() == 3 and image.GetSize()[2] == 1:
+        return sitk.Extract(image, [image.GetSize()[0], image.GetSize()[1], 0], [0, 0, 0])
+    return image
 
 
 def prepare_image(image: sitk.Image, name: str, channel: int | None = None) -> sitk.Image:
@@ -73,8 +115,7 @@ def prepare_image(image: sitk.Image, name: str, channel: int | None = None) -> s
         image = sitk.VectorIndexSelectionCast(image, channel)
     elif channel not in (None, 0):
         raise DipregError(f"{name}: image has one channel, --channel {channel} does not exist")
-    if image.GetDimension() == 3 and image.GetSize()[2] == 1:
-        image = sitk.Extract(image, [image.GetSize()[0], image.GetSize()[1], 0], [0, 0, 0])
+    image = _drop_singleton_third_axis(image)
     if image.GetDimension() not in (2, 3):
         raise DipregError(f"{name}: {image.GetDimension()}D images are not supported (2D or 3D only)")
     if min(image.GetSize()) < 2:
@@ -170,6 +211,16 @@ def resample_to_reference(
     interpolator = sitk.sitkNearestNeighbor if labels else sitk.sitkLinear
     transform = transform or sitk.Transform(reference.GetDimension(), sitk.sitkIdentity)
     return sitk.Resample(image, reference, transform, interpolator, default_value, image.GetPixelID())
+
+
+def resample_to_fixed(moving: sitk.Image, fixed: sitk.Image) -> sitk.Image:
+    """The moving image on the fixed grid (identity in physical space) for optimisation and display.
+
+    Outside the moving image's field of view it is padded with its minimum (its background),
+    not with 0, which for CT-like intensities would be brighter than the anatomy.
+    """
+    background = float(sitk.GetArrayViewFromImage(moving).min())
+    return resample_to_reference(moving, fixed, default_value=background)
 
 
 def intensity_range(image: sitk.Image) -> tuple[float, float]:

@@ -31,17 +31,45 @@ def ncc(fixed: torch.Tensor, warped: torch.Tensor, eps: float = 1e-8) -> torch.T
     return 1.0 - (f * w).sum() / torch.sqrt((f * f).sum() * (w * w).sum() + eps)
 
 
+def box_mean(x: torch.Tensor, window: int) -> torch.Tensor:
+    """Mean of ``[N, C, *spatial]`` over a box of ``window`` voxels per axis, clipped at the border.
+
+    The box of voxel ``i`` spans ``i - (window - 1) // 2 .. i + window // 2`` per axis (centred
+    for odd widths). Computed separably, one axis at a time (a clipped box is a product of
+    clipped intervals), so the cost grows with ``window`` rather than ``window ** ndim``.
+    """
+    ndim = x.dim() - 2
+    pool = F.avg_pool2d if ndim == 2 else F.avg_pool3d
+    before, after = (window - 1) // 2, window // 2
+    for axis in range(ndim):
+        kernel = [1] * ndim
+        kernel[axis] = window
+        # avg_pool refuses inputs shorter than the kernel even with padding: pad by hand there.
+        if before == after and x.shape[2 + axis] >= window:
+            padding = [0] * ndim
+            padding[axis] = before
+            x = pool(x, kernel, stride=1, padding=padding, count_include_pad=False)
+        else:
+            # avg_pool pads symmetrically: pad one voxel less before than after by hand (even
+            # widths) and divide by the number of voxels inside the image.
+            pad = [0, 0] * ndim
+            pad[2 * (ndim - 1 - axis)], pad[2 * (ndim - 1 - axis) + 1] = before, after
+            count = pool(F.pad(torch.ones_like(x[:1, :1]), pad), kernel, stride=1)
+            x = pool(F.pad(x, pad), kernel, stride=1) / count
+    return x
+
+
 def lncc(fixed: torch.Tensor, warped: torch.Tensor, window: int = 9, eps: float = 1e-5) -> torch.Tensor:
-    """One minus the mean squared local normalised cross-correlation in a cubic window."""
-    pool = F.avg_pool2d if fixed.dim() == 4 else F.avg_pool3d
+    """One minus the mean squared local normalised cross-correlation in a box window.
 
-    def local_mean(x: torch.Tensor) -> torch.Tensor:
-        return pool(x, window, stride=1, padding=window // 2, count_include_pad=False)
-
-    mean_f, mean_w = local_mean(fixed), local_mean(warped)
-    cross = local_mean(fixed * warped) - mean_f * mean_w
-    var_f = (local_mean(fixed * fixed) - mean_f**2).clamp_min(0.0)
-    var_w = (local_mean(warped * warped) - mean_w**2).clamp_min(0.0)
+    Local means use :func:`box_mean` (windows clipped at the image border).
+    """
+    channels = fixed.shape[1]
+    stacked = torch.cat([fixed, warped, fixed * fixed, warped * warped, fixed * warped], dim=1)
+    mean_f, mean_w, mean_ff, mean_ww, mean_fw = box_mean(stacked, window).split(channels, dim=1)
+    cross = mean_fw - mean_f * mean_w
+    var_f = (mean_ff - mean_f**2).clamp_min(0.0)
+    var_w = (mean_ww - mean_w**2).clamp_min(0.0)
     return 1.0 - (cross * cross / (var_f * var_w + eps)).mean()
 
 

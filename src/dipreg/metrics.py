@@ -11,8 +11,16 @@ from skimage.metrics import structural_similarity
 
 
 def ssim(fixed: np.ndarray, warped: np.ndarray) -> float:
-    """SSIM of two images already scaled to [0, 1] (``data_range=1``, 7-voxel window)."""
-    return float(structural_similarity(fixed, warped, data_range=1.0))
+    """SSIM of two images already scaled to [0, 1] (``data_range=1``, 7-voxel window).
+
+    Images thinner than 7 voxels along some axis use the widest odd window that fits; SSIM is
+    undefined (NaN) for images 2 voxels thin, which leave no room for a 3-voxel window.
+    """
+    smallest = min(fixed.shape)
+    win_size = 7 if smallest >= 7 else smallest - (1 - smallest % 2)
+    if win_size < 3:
+        return float("nan")
+    return float(structural_similarity(fixed, warped, data_range=1.0, win_size=win_size))
 
 
 def ncc(fixed: np.ndarray, warped: np.ndarray) -> float:

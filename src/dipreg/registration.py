@@ -23,6 +23,7 @@ from dipreg.images import (
     check_compatible,
     intensity_range,
     normalise,
+    resample_to_fixed,
     resample_to_reference,
     same_grid,
     write_image,
@@ -192,7 +193,7 @@ def register(
     """
     config = make_config(preset, **options)
     fixed_image, moving_image = load_pair(fixed, moving, channel, fixed_channel, moving_channel, spacing)
-    moving_on_fixed = moving_image if same_grid(fixed_image, moving_image) else resample_to_reference(moving_image, fixed_image)
+    moving_on_fixed = moving_image if same_grid(fixed_image, moving_image) else resample_to_fixed(moving_image, fixed_image)
     grid = Grid.from_image(fixed_image)
 
     def tensor(image: sitk.Image, value_range: tuple[float, float]) -> torch.Tensor:

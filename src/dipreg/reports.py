@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
 from matplotlib.colors import TwoSlopeNorm  # noqa: E402
 
-from dipreg.images import intensity_range, normalise, resample_to_reference, same_grid  # noqa: E402
+from dipreg.images import intensity_range, normalise, resample_to_fixed, same_grid  # noqa: E402
 from dipreg.transforms import voxel_displacement_from_image  # noqa: E402
 
 if TYPE_CHECKING:
@@ -54,7 +54,7 @@ def _draw_grid(ax: plt.Axes, plane_field: np.ndarray, lines: int = 24) -> None:
 def save_qc_figure(result: "RegistrationResult", path: str | os.PathLike) -> None:
     """Write the QC panel of a registration result as a PNG."""
     fixed_image, moving_image = result.fixed, result.moving
-    moving_on_fixed = moving_image if same_grid(fixed_image, moving_image) else resample_to_reference(moving_image, fixed_image)
+    moving_on_fixed = moving_image if same_grid(fixed_image, moving_image) else resample_to_fixed(moving_image, fixed_image)
     fixed = normalise(sitk.GetArrayViewFromImage(fixed_image), intensity_range(fixed_image))
     moving = normalise(sitk.GetArrayViewFromImage(moving_on_fixed), intensity_range(moving_image))
     warped = normalise(sitk.GetArrayViewFromImage(result.warped), intensity_range(moving_image))

@@ -1,0 +1,144 @@
+"""Similarity losses and the diffusion regulariser against values derived by hand."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from dipreg.losses import diffusion, lncc, mae, mse, ncc, similarity_loss
+
+
+def as_tensor(array) -> torch.Tensor:
+    """A ``[1, 1, *spatial]`` float64 tensor."""
+    return torch.as_tensor(np.asarray(array, dtype=np.float64))[None, None]
+
+
+FIXED = [[0.0, 1.0], [2.0, 3.0]]
+WARPED = [[1.0, 1.0], [0.0, 3.0]]  # differences 1, 0, -2, 0
+
+
+def test_mae_of_known_arrays() -> None:
+    """(1 + 0 + 2 + 0) / 4."""
+    assert mae(as_tensor(FIXED), as_tensor(WARPED)).item() == pytest.approx(0.75)
+
+
+def test_mse_of_known_arrays() -> None:
+    """(1 + 0 + 4 + 0) / 4."""
+    assert mse(as_tensor(FIXED), as_tensor(WARPED)).item() == pytest.approx(1.25)
+
+
+@pytest.mark.parametrize("scale, offset, expected",
+                         [(1.0, 0.0, 0.0), (3.0, -1.0, 0.0), (-1.0, 0.0, 2.0), (-0.5, 2.0, 2.0)])
+def test_ncc_of_affine_intensity_copies(scale: float, offset: float, expected: float, rng: np.random.Generator) -> None:
+    """Global NCC loss: 0 for a positive affine copy, 2 for a negated one."""
+    image = as_tensor(rng.random((16, 16)))
+    assert ncc(image, scale * image + offset).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_ncc_of_uncorrelated_images_is_one() -> None:
+    """Two images with zero covariance: loss 1 - 0."""
+    a = as_tensor([[1.0, -1.0], [1.0, -1.0]])
+    b = as_tensor([[1.0, 1.0], [-1.0, -1.0]])
+    assert ncc(a, b).item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+@pytest.mark.parametrize("scale, offset", [(2.0, -0.5), (0.5, 0.3)])
+def test_lncc_of_affine_intensity_copy_is_near_zero(ndim: int, scale: float, offset: float,
+                                                    rng: np.random.Generator) -> None:
+    """Local NCC of white noise with ``scale * noise + offset``: every window correlates perfectly.
+
+    Only the stabiliser eps = 1e-5 keeps it from 0: with local variances of about 1/12 the
+    loss is about eps / (scale^2 / 144) < 0.01.
+    """
+    image = as_tensor(rng.random((24,) * ndim))
+    assert lncc(image, scale * image + offset).item() < 0.01
+
+
+def test_lncc_of_independent_noise_is_near_one(rng: np.random.Generator) -> None:
+    """Independent images: squared local correlations of 81-voxel windows average about 1/80."""
+    a, b = as_tensor(rng.random((48, 48))), as_tensor(rng.random((48, 48)))
+    assert lncc(a, b).item() == pytest.approx(1.0, abs=0.05)
+
+
+def _lncc_reference(fixed: np.ndarray, warped: np.ndarray, window: int, eps: float = 1e-5) -> float:
+    """Brute-force local NCC: window [i - (w-1)//2, i + w//2] per axis, clipped at the borders."""
+    low, high = (window - 1) // 2, window // 2
+    values = []
+    for index in itertools.product(*[range(n) for n in fixed.shape]):
+        box = tuple(slice(max(0, i - low), i + high + 1) for i in index)
+        f, w = fixed[box], warped[box]
+        cross = (f * w).mean() - f.mean() * w.mean()
+        values.append(cross**2 / (f.var() * w.var() + eps))
+    return 1.0 - float(np.mean(values))
+
+
+@pytest.mark.parametrize("shape, window", [((11, 13), 3), ((11, 13), 4), ((11, 13), 9), ((5, 13), 9),
+                                           ((4, 6, 7), 3), ((4, 6, 7), 4), ((3, 6, 7), 5)])
+def test_lncc_matches_brute_force_windows(shape: tuple[int, ...], window: int, rng: np.random.Generator) -> None:
+    """The pooled implementation equals explicit per-voxel windows: odd and even widths, 2D and
+    3D, and images thinner than the window (the window then spans the whole axis)."""
+    fixed = rng.random(shape)
+    warped = 0.5 * fixed + 0.3 * rng.random(shape)
+    expected = _lncc_reference(fixed, warped, window)
+    assert lncc(as_tensor(fixed), as_tensor(warped), window=window).item() == pytest.approx(expected, rel=1e-9)
+
+
+def _linear_field(shape: tuple[int, ...], spacing: tuple[float, ...], array_axis: int, slope: float) -> torch.Tensor:
+    """Every component equal to ``slope * (position in mm along array_axis)``."""
+    ndim = len(shape)
+    step = spacing[ndim - 1 - array_axis]  # spacing is in (x, y[, z]) order
+    position = torch.arange(shape[array_axis], dtype=torch.float64) * step
+    view = [1] * ndim
+    view[array_axis] = -1
+    return (slope * position.view(*view)).expand(*shape)[None, None].expand(1, ndim, *shape).contiguous()
+
+
+@pytest.mark.parametrize("shape, spacing", [((6, 7), (1.0, 1.0)), ((6, 7), (0.5, 2.0)), ((4, 5, 6), (1.5, 0.8, 2.5))])
+def test_diffusion_of_linear_field(shape: tuple[int, ...], spacing: tuple[float, ...]) -> None:
+    """u_c = a * x (x in mm along one axis): every component has gradient a along that axis only.
+
+    The regulariser is the mean over axes of the mean squared difference quotient, so it is
+    (a^2 from one axis + 0 from the others) / ndim, whatever the spacing.
+    """
+    ndim = len(shape)
+    slope = 0.3
+    for axis in range(ndim):
+        field = _linear_field(shape, spacing, axis, slope)
+        assert diffusion(field, spacing).item() == pytest.approx(slope**2 / ndim, rel=1e-12)
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0), (2.0, 0.5)])
+def test_diffusion_divides_differences_by_spacing(spacing: tuple[float, float]) -> None:
+    """A field rising 1 mm per voxel along x has gradient 1/sx: loss (1/sx)^2 / 2."""
+    shape = (5, 6)
+    field = torch.arange(shape[1], dtype=torch.float64).expand(1, 2, *shape).contiguous()
+    assert diffusion(field, spacing).item() == pytest.approx((1.0 / spacing[0]) ** 2 / 2)
+
+
+def test_diffusion_of_constant_field_is_zero() -> None:
+    """Translations are not penalised."""
+    assert diffusion(torch.full((1, 3, 4, 5, 6), 2.5), (1.0, 2.0, 3.0)).item() == 0.0
+
+
+@pytest.mark.parametrize("name, function", [("mae", mae), ("mse", mse), ("ncc", ncc)])
+def test_similarity_loss_lookup(name: str, function, rng: np.random.Generator) -> None:
+    """Names map to the functions of this module."""
+    a, b = as_tensor(rng.random((8, 8))), as_tensor(rng.random((8, 8)))
+    assert similarity_loss(name)(a, b).item() == function(a, b).item()
+
+
+def test_similarity_loss_lncc_uses_window(rng: np.random.Generator) -> None:
+    """The lncc window option is passed through."""
+    a, b = as_tensor(rng.random((12, 12))), as_tensor(rng.random((12, 12)))
+    assert similarity_loss("lncc", lncc_window=3)(a, b).item() == lncc(a, b, window=3).item()
+    assert similarity_loss("lncc", lncc_window=3)(a, b).item() != lncc(a, b, window=5).item()
+
+
+def test_unknown_similarity_loss_is_rejected() -> None:
+    """A typo names the valid choices."""
+    with pytest.raises(ValueError, match="mae, mse, ncc, lncc"):
+        similarity_loss("nmi")
