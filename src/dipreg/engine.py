@@ -61,12 +61,13 @@ class RegistrationConfig:
     affine_iterations: int = _option(200, "Adam iterations of the affine stage")
     affine_learning_rate: float = _option(1e-2, "Adam learning rate of the affine translation (matrix: a quarter of it)")
     pyramid_levels: int = _option(2, "coarse-to-fine image levels of the deformable stage (halving per level)")
+    max_loss_voxels: int = _option(2_000_000, "finest image level used by the loss has at most this many voxels (0 = full resolution)")
     iterations: int = _option(400, "maximum Adam iterations of the deformable stage (split over the pyramid levels)")
     learning_rate: float = _option(5e-3, "Adam learning rate")
     patience: int = _option(100, "stop when the smoothed loss has not improved for this many iterations (0 = never)")
     seed: int = _option(0, "random seed (network weights and noise)")
     device: str = _option("auto", "auto (CUDA when present), cpu or cuda", ("auto", "cpu", "cuda"))
-    channels_last: bool = _option(True, "channels-last memory format for the network (faster on CPU)")
+    channels_last: bool = _option(True, "channels-last memory format for the 2D network (faster on CPU; 3D is slower with it)")
 
     def validate(self) -> None:
         """Raise a DipregError naming the first invalid option."""
@@ -89,6 +90,7 @@ PRESETS: dict[str, dict] = {
     "paper": dict(
         loss="mae", regularization=0.0, field="displacement", field_resolution=1.0,
         z_mode="fresh", channels=128, levels=5, skip_channels=4, input_channels=32, affine=False, pyramid_levels=1,
+        max_loss_voxels=0,
         learning_rate=1e-2, iterations=500, patience=0,
     ),
     "fast": dict(iterations=150, channels=16, patience=30),
@@ -133,7 +135,7 @@ class OptimisationResult:
 
 def field_grid_shape(shape: tuple[int, ...], resolution: float) -> tuple[int, ...]:
     """Shape of the (possibly coarser) field grid for an image of ``shape``."""
-    return tuple(max(2, int(round(n * resolution))) for n in shape)
+    return tuple(max(4, int(round(n * resolution))) for n in shape)
 
 
 class FieldModel(torch.nn.Module):
@@ -163,8 +165,8 @@ class FieldModel(torch.nn.Module):
             z = torch.randn_like(z) * self.config.z_std
         elif self.config.z_mode == "perturbed" and not final:
             z = z + torch.randn_like(z) * self.config.z_perturbation
-        if self.config.channels_last:
-            z = z.contiguous(memory_format=torch.channels_last if z.dim() == 4 else torch.channels_last_3d)
+        if self.config.channels_last and z.dim() == 4:
+            z = z.contiguous(memory_format=torch.channels_last)
         return self.network(z).contiguous()
 
 
@@ -197,9 +199,16 @@ def downsample(image: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return F.interpolate(smoothed, size=shape, mode="bilinear" if image.dim() == 4 else "trilinear", align_corners=True)
 
 
-def pyramid_shapes(shape: tuple[int, ...], levels: int, minimum: int = 16) -> list[tuple[int, ...]]:
-    """Image shapes of a coarse-to-fine pyramid (halving per level), ending with ``shape``."""
+def pyramid_shapes(shape: tuple[int, ...], levels: int, minimum: int = 16,
+                   max_voxels: int = 0) -> list[tuple[int, ...]]:
+    """Image shapes of a coarse-to-fine pyramid (halving per level), ending with the finest.
+
+    With ``max_voxels`` set, levels larger than that are left out (the coarsest level is
+    always kept), so a large volume is registered on a downsampled version of itself.
+    """
     shapes = [tuple(shape)]
+    while max_voxels and math.prod(shapes[0]) > max_voxels and min(shapes[0]) >= 2 * minimum:
+        shapes = [tuple(max(2, (n + 1) // 2) for n in shapes[0])]
     for _ in range(levels - 1):
         smaller = tuple(max(2, (n + 1) // 2) for n in shapes[0])
         if min(smaller) < minimum:
@@ -310,8 +319,8 @@ def optimise(
     coarse_shape = field_grid_shape(shape, config.field_resolution)
     coarse_spacing = [s * (n - 1) / (m - 1) for s, n, m in zip(grid.spacing, grid.size, reversed(coarse_shape))]
     model = FieldModel(config, ndim, coarse_shape).to(device)
-    if config.channels_last and model.network is not None:
-        model.network.to(memory_format=torch.channels_last if ndim == 2 else torch.channels_last_3d)
+    if config.channels_last and model.network is not None and ndim == 2:
+        model.network.to(memory_format=torch.channels_last)
     identity_coarse = identity_grid(coarse_shape, device) if config.field == "svf" else None
     to_normalized = torch.as_tensor(grid.world_to_normalized_matrix(), dtype=torch.float32, device=device)
     similarity = similarity_loss(config.loss, config.lncc_window)
@@ -324,7 +333,7 @@ def optimise(
         return resize_field(field_normalized, level_shape)
 
     stop_reason = "maximum iterations reached"
-    levels = pyramid_shapes(shape, config.pyramid_levels)
+    levels = pyramid_shapes(shape, config.pyramid_levels, max_voxels=config.max_loss_voxels)
     per_level = max(1, config.iterations // len(levels))
     iteration = 0
     for level, level_shape in enumerate(levels):
