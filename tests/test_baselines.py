@@ -45,6 +45,13 @@ def test_itk_recovers_a_known_shift(shifted_pair):
     assert result.displacement.GetSize() == fixed.GetSize()
 
 
+def test_itk_is_reproducible(shifted_pair):
+    fixed, moving = shifted_pair
+    moving = resample_to_reference(moving, moving, sitk.Euler2DTransform([0, 0], 0.05))  # some rotation too
+    first, second = itk_registration(fixed, moving), itk_registration(fixed, moving)
+    assert np.array_equal(first.displacement_array, second.displacement_array)
+
+
 def test_ants_recovers_a_known_shift_in_dipreg_convention(shifted_pair):
     pytest.importorskip("ants", reason="antspyx (the dipreg[ants] extra) is not installed")
     fixed, moving = shifted_pair

@@ -76,7 +76,7 @@ class PairSpec:
     true_displacement: Path | None = None
 
 
-_PATH_COLUMNS = ("fixed", "moving", "fixed_labels", "moving_labels", "fixed_mask", "moving_mask", "true_displacement")
+PATH_COLUMNS = ("fixed", "moving", "fixed_labels", "moving_labels", "fixed_mask", "moving_mask", "true_displacement")
 _CHANNEL_COLUMNS = ("fixed_channel", "moving_channel")
 COLUMNS = tuple(f.name for f in fields(PairSpec) if f.name != "row")
 
@@ -127,7 +127,7 @@ def _pair_spec(number: int, values: dict[str, str], base: Path, where: str) -> P
     for name in ("fixed", "moving"):
         if not values.get(name):
             raise DipregError(f"{where}: column {name} is empty")
-    for name in _PATH_COLUMNS:
+    for name in PATH_COLUMNS:
         if values.get(name):
             path = base / values[name]
             if not path.exists():
