@@ -65,7 +65,7 @@ def load_evaluations(outdirs: list[str | os.PathLike]) -> list[Evaluation]:
     for other in evaluations[1:]:
         for pair_id in reference.rows.keys() & other.rows.keys():
             a, b = reference.rows[pair_id], other.rows[pair_id]
-            if (Path(a["fixed"]).resolve(), Path(a["moving"]).resolve()) != (Path(b["fixed"]).resolve(), Path(b["moving"]).resolve()):
+            if (a["fixed"], a["moving"]) != (b["fixed"], b["moving"]):
                 raise DipregError(f"pair {pair_id} has different images in {reference.outdir} and {other.outdir}")
     return evaluations
 

@@ -34,7 +34,7 @@ import SimpleITK as sitk
 from dipreg import __version__
 from dipreg.baselines import METHODS, check_method, run_method
 from dipreg.errors import DipregError
-from dipreg.images import resample_to_reference, same_grid, write_image
+from dipreg.images import read_labels, resample_to_reference, same_grid, write_image
 from dipreg.metrics import dice
 from dipreg.registration import RegistrationResult, load_pair
 from dipreg.synthetic import displacement_endpoint_error
@@ -129,7 +129,7 @@ def _pair_spec(number: int, values: dict[str, str], base: Path, where: str) -> P
             raise DipregError(f"{where}: column {name} is empty")
     for name in PATH_COLUMNS:
         if values.get(name):
-            path = base / values[name]
+            path = (base / values[name]).resolve()
             if not path.exists():
                 raise DipregError(f"{where}: {name} file {values[name]} not found (looked for {path})")
             entries[name] = path
@@ -157,11 +157,7 @@ def _label_map_on(path: Path, image: sitk.Image, notes: list[str]) -> sitk.Image
     A map with the image's size but a slightly different header (as some datasets ship)
     is taken voxel for voxel; a map of another size is resampled with nearest neighbour.
     """
-    labels = sitk.ReadImage(str(path))
-    if labels.GetNumberOfComponentsPerPixel() != 1:
-        raise DipregError(f"{path}: a label map needs one channel, not {labels.GetNumberOfComponentsPerPixel()}")
-    if labels.GetDimension() == 3 and labels.GetDimension() != image.GetDimension() and labels.GetSize()[2] == 1:
-        labels = labels[:, :, 0]
+    labels = read_labels(path)
     if labels.GetDimension() != image.GetDimension():
         raise DipregError(f"{path}: label map is {labels.GetDimension()}D but its image is {image.GetDimension()}D")
     labels = sitk.Cast(labels, sitk.sitkInt32)
@@ -175,13 +171,18 @@ def _label_map_on(path: Path, image: sitk.Image, notes: list[str]) -> sitk.Image
     return labels
 
 
-def _score_pair(spec: PairSpec, result: RegistrationResult, pair_dir: Path, notes: list[str]) -> dict[str, Any]:
-    """Dice, mask Dice and endpoint error of a result, as far as the pair's columns allow."""
+def _score_pair(spec: PairSpec, result: RegistrationResult,
+                notes: list[str]) -> tuple[dict[str, Any], sitk.Image | None]:
+    """Dice, mask Dice and endpoint error of a result, as far as the pair's columns allow.
+
+    Returns:
+        The scores, and the moving labels warped onto the fixed grid (None without labels).
+    """
     scores: dict[str, Any] = {}
+    warped = None
     if spec.fixed_labels and spec.moving_labels:
         fixed_labels = _label_map_on(spec.fixed_labels, result.fixed, notes)
         warped = result.apply(_label_map_on(spec.moving_labels, result.moving, notes), labels=True)
-        write_image(warped, pair_dir / "warped_labels.nii.gz")
         per_label = dice(sitk.GetArrayViewFromImage(fixed_labels), sitk.GetArrayViewFromImage(warped))
         scores.update({f"dice_{label}": value for label, value in sorted(per_label.items())})
         scores["dice_mean"] = float(np.nanmean(list(per_label.values()))) if per_label else float("nan")
@@ -196,7 +197,7 @@ def _score_pair(spec: PairSpec, result: RegistrationResult, pair_dir: Path, note
         if not same_grid(truth, result.fixed):
             raise DipregError(f"{spec.true_displacement}: true displacement is not on the fixed image's grid")
         scores["epe_mm"] = displacement_endpoint_error(result.displacement, truth, fixed_mask)
-    return scores
+    return scores, warped
 
 
 def evaluate_pair(spec: PairSpec, outdir: Path, method: str, preset: str | None = None,
@@ -212,11 +213,11 @@ def evaluate_pair(spec: PairSpec, outdir: Path, method: str, preset: str | None 
     try:
         fixed, moving = load_pair(spec.fixed, spec.moving, channel, spec.fixed_channel, spec.moving_channel)
         result = run_method(method, fixed, moving, preset, **(options or {}))
-        pair_dir = outdir / "pairs" / spec.id
-        pair_dir.mkdir(parents=True, exist_ok=True)
-        scores = _score_pair(spec, result, pair_dir, notes)
+        scores, warped_labels = _score_pair(spec, result, notes)
         result.metrics.update(scores)
-        result.save(pair_dir)
+        pair_dir = result.save(outdir / "pairs" / spec.id)
+        if warped_labels is not None:
+            write_image(warped_labels, pair_dir / "warped_labels.nii.gz")
     except (DipregError, RuntimeError) as exc:
         row["error"] = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         return row
