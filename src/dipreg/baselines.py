@@ -30,31 +30,33 @@ METHODS = ("dip", "classic", "itk", "ants", "identity")
 #: Preset used by ``dip`` and ``classic`` when none is given.
 DEFAULT_PRESETS = {"dip": "default", "classic": "classic"}
 
+_SHRINK_FACTORS = [4, 2, 1]
+_SMOOTHING_SIGMAS = [2.0, 1.0, 0.0]
+_AFFINE_SAMPLES = 20000
+
 #: Settings of the ITK baseline (multi-resolution affine, then a dense displacement field).
 ITK_SETTINGS: dict[str, Any] = {
     "affine": {
         "initialiser": "centred geometry",
-        "metric": "Mattes mutual information, 50 bins, ~20000 random samples per level (seeded, one thread)",
+        "metric": f"Mattes mutual information, 50 bins, ~{_AFFINE_SAMPLES} random samples per level (seeded, one thread)",
         "optimiser": "regular step gradient descent: learning rate 1, min step 1e-4, 200 iterations, relaxation 0.5",
-        "shrink_factors": [4, 2, 1],
-        "smoothing_sigmas_mm": [2, 1, 0],
+        "shrink_factors": _SHRINK_FACTORS,
+        "smoothing_sigmas_mm": _SMOOTHING_SIGMAS,
     },
     "deformable": {
         "transform": "DisplacementFieldTransform on the fixed grid, Gaussian smoothing of the total field (variance 1.5)",
         "metric": "ANTs neighbourhood correlation, radius 2",
         "optimiser": "gradient descent, learning rate estimated each iteration, 100 iterations per level, "
                      "convergence window 10 (1e-6)",
-        "shrink_factors": [4, 2, 1],
-        "smoothing_sigmas_mm": [2, 1, 0],
+        "shrink_factors": _SHRINK_FACTORS,
+        "smoothing_sigmas_mm": _SMOOTHING_SIGMAS,
     },
 }
-_SHRINK_FACTORS = [4, 2, 1]
-_SMOOTHING_SIGMAS = [2.0, 1.0, 0.0]
-_AFFINE_SAMPLES = 20000
 
 #: How :func:`run_method` measures peak memory.
 PEAK_MEMORY_DEFINITIONS = {
-    "vmhwm": "peak resident set size of the process during the method (Linux VmHWM, reset before the call)",
+    "vmhwm": "peak resident set size of the whole process during the method (Linux VmHWM, reset before the "
+             "call; includes what the process already held, which the identity method shows)",
     "maxrss": "peak resident set size of the process since it started (getrusage ru_maxrss): an upper bound",
 }
 
