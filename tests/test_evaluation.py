@@ -121,6 +121,22 @@ def test_evaluate_identity_scores_labels_masks_and_known_warp(dataset, tmp_path,
     assert "Dice label 2" in summary["table"] and "EPE mm" in summary["table"]
 
 
+def test_label_maps_on_another_grid_are_resampled_in_physical_space(dataset, tmp_path):
+    root, _ = dataset
+    labels = sitk.ReadImage(str(root / "images" / "labels.nii.gz"))
+    # the same anatomy stored two voxels further along x, with the origin moved to match
+    shifted = sitk.GetImageFromArray(np.roll(sitk.GetArrayFromImage(labels), 2, axis=1))
+    shifted.CopyInformation(labels)
+    shifted.SetOrigin((labels.GetOrigin()[0] - 2 * labels.GetSpacing()[0], labels.GetOrigin()[1]))
+    write_image(shifted, root / "images" / "labels_shifted.nii.gz")
+    pairs_csv = _write_csv(root / "csv" / "shifted.csv", ["fixed", "moving", "fixed_labels", "moving_labels"], [
+        ["../images/fixed.nii.gz", "../images/fixed.nii.gz", "../images/labels_shifted.nii.gz", "../images/labels.nii.gz"]])
+    evaluate(pairs_csv, tmp_path / "out", method="identity", quiet=True)
+    (row,) = read_results(tmp_path / "out")
+    assert row["dice_mean"] == pytest.approx(1.0)
+    assert "labels_shifted.nii.gz: resampled" in row["notes"]
+
+
 def test_options_for_a_baseline_are_refused_before_anything_runs(dataset, tmp_path):
     root, _ = dataset
     pairs_csv = _write_csv(root / "csv" / "one.csv", ["fixed", "moving"], [["../images/fixed.nii.gz", "../images/moving.nii.gz"]])

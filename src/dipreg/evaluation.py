@@ -152,22 +152,20 @@ def _pair_spec(number: int, values: dict[str, str], base: Path, where: str) -> P
 
 
 def _label_map_on(path: Path, image: sitk.Image, notes: list[str]) -> sitk.Image:
-    """A label or mask file as an integer map on ``image``'s voxel grid.
+    """A label or mask file as an integer map on ``image``'s grid.
 
-    A map with the image's size but a slightly different header (as some datasets ship)
-    is taken voxel for voxel; a map of another size is resampled with nearest neighbour.
+    A map on another grid is resampled in physical space (nearest neighbour): its header is
+    trusted, as for every image. (OASIS image A's label map has a slightly different spacing
+    and origin than the image; honouring them aligns it better with the tissue contrast than
+    copying the image's header does.)
     """
     labels = read_labels(path)
     if labels.GetDimension() != image.GetDimension():
         raise DipregError(f"{path}: label map is {labels.GetDimension()}D but its image is {image.GetDimension()}D")
     labels = sitk.Cast(labels, sitk.sitkInt32)
     if not same_grid(labels, image):
-        if labels.GetSize() == image.GetSize():
-            notes.append(f"{path.name}: header differs from its image's, taken on the image's voxel grid")
-            labels.CopyInformation(image)
-        else:
-            notes.append(f"{path.name}: resampled onto its image's grid (nearest neighbour)")
-            labels = resample_to_reference(labels, image, labels=True)
+        notes.append(f"{path.name}: resampled onto its image's grid in physical space (nearest neighbour)")
+        labels = resample_to_reference(labels, image, labels=True)
     return labels
 
 
