@@ -111,9 +111,13 @@ def paired_differences(evaluations: list[Evaluation]) -> tuple[list[dict[str, An
 
 
 def plot_boxes(evaluations: list[Evaluation], metrics: list[str], path: Path) -> None:
-    """Box plots of each metric (one panel each), methods side by side."""
-    fig, axes = plt.subplots(1, len(metrics), figsize=(0.9 * len(evaluations) * len(metrics) + 1.5, 3.6), squeeze=False)
-    for ax, key in zip(axes[0], metrics):
+    """Box plots of each metric (one panel each, four panels a row), methods side by side."""
+    columns = min(4, len(metrics))
+    rows = -(-len(metrics) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(0.9 * len(evaluations) * columns + 1.5, 3.6 * rows), squeeze=False)
+    for ax in axes.ravel()[len(metrics):]:
+        ax.set_visible(False)
+    for ax, key in zip(axes.ravel(), metrics):
         data = [[row[key] for row in e.rows.values() if key in row] for e in evaluations]
         shown = [(e.label, values) for e, values in zip(evaluations, data) if values]
         ax.boxplot([values for _, values in shown], showmeans=True)
