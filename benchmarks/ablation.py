@@ -26,6 +26,7 @@ import numpy as np
 import SimpleITK as sitk
 
 import dipreg
+from dipreg.images import resample_to_reference
 from dipreg.metrics import dice
 from dipreg.synthetic import displacement_endpoint_error, known_warp_pair
 from dipreg.transforms import displacement_transform
@@ -48,6 +49,7 @@ VARIANTS: dict[str, tuple[str, dict, bool]] = {
     "field full res": ("default", {"field_resolution": 1.0}, False),
     "lambda 0": ("default", {"regularization": 0.0}, False),
     "lambda 0.3": ("default", {"regularization": 0.3}, False),
+    "lambda 2": ("default", {"regularization": 2.0}, False),
     "lambda 3": ("default", {"regularization": 3.0}, False),
     "loss mae": ("default", {"loss": "mae"}, False),
     "loss ncc (global)": ("default", {"loss": "ncc"}, False),
@@ -92,15 +94,15 @@ def lgg2d_pairs(limit: int):
 
 
 def oasis3d_pairs(limit: int):
-    """OASIS image B onto image A with their tissue segmentations (same voxel grid)."""
+    """OASIS image B onto image A with their tissue segmentations."""
     base = DATA / "oasis3d"
     fixed = sitk.ReadImage(str(base / "image_A_160x192x144.nii.gz"), sitk.sitkFloat32)
     moving = sitk.ReadImage(str(base / "image_B_160x192x144.nii.gz"), sitk.sitkFloat32)
-    labels = []
-    for name, image in (("A", fixed), ("B", moving)):
-        seg = sitk.ReadImage(str(base / f"image_{name}_160x192x144_seg.nii.gz"), sitk.sitkUInt8)
-        seg.CopyInformation(image)  # the README: same voxel grid, slightly different header
-        labels.append(seg)
+    # The segmentation headers are right (copying the image header shifts them by voxels):
+    # bring each onto its image's grid in physical space.
+    labels = [resample_to_reference(sitk.ReadImage(str(base / f"image_{name}_160x192x144_seg.nii.gz"), sitk.sitkUInt8),
+                                    image, labels=True)
+              for name, image in (("A", fixed), ("B", moving))]
     yield "oasis-B->A", dict(fixed=fixed, moving=moving, fixed_labels=labels[0], moving_labels=labels[1])
 
 
@@ -138,15 +140,19 @@ def write_report() -> None:
     ]
     for path in sorted(RESULTS.glob("ablation-*.json")):
         data = json.loads(path.read_text())
+        key = "epe_mm" if any("epe_mm" in r for r in data.get("default", {}).values()) else "ssim"
         lines += [f"## {path.stem.removeprefix('ablation-')}", "",
-                  "| variant | pairs | " + " | ".join(METRICS) + " |",
-                  "|---|---|" + "---|" * len(METRICS)]
+                  "| variant | pairs | " + " | ".join(METRICS) + f" | Δ {key} vs default (same pairs) |",
+                  "|---|---|" + "---|" * (len(METRICS) + 1)]
         for variant in [v for v in VARIANTS if v in data] + [v for v in data if v not in VARIANTS]:
             rows = list(data[variant].values())
             cells = []
             for metric in METRICS:
                 values = [r[metric] for r in rows if metric in r and r[metric] is not None]
                 cells.append(f"{np.mean(values):.3f} ± {np.std(values):.3f}" if values else "")
+            common = [p for p in data[variant] if p in data.get("default", {})]
+            delta = np.mean([data[variant][p][key] - data["default"][p][key] for p in common]) if common else None
+            cells.append(f"{delta:+.3f}" if delta is not None and variant != "default" else "")
             lines.append(f"| {variant} | {len(rows)} | " + " | ".join(cells) + " |")
         lines.append("")
     conclusion = ROOT / "benchmarks" / "ablation_conclusion.md"
