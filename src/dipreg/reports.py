@@ -72,6 +72,8 @@ def save_qc_figure(result: "RegistrationResult", path: str | os.PathLike) -> Non
             axes[row, col].imshow(panel, cmap="gray", vmin=0, vmax=1, origin=origin)
         axes[row, 5].imshow(f, cmap="gray", vmin=0, vmax=1, origin=origin)
         _draw_grid(axes[row, 5], plane_field)
+        axes[row, 5].set_xlim(-0.5, f.shape[1] - 0.5)
+        axes[row, 5].set_ylim(*((f.shape[0] - 0.5, -0.5) if origin == "upper" else (-0.5, f.shape[0] - 0.5)))
         shown = axes[row, 6].imshow(d, cmap="RdBu_r", norm=TwoSlopeNorm(1.0, min(0.0, float(d.min())), det_limit), origin=origin)
         fig.colorbar(shown, ax=axes[row, 6], fraction=0.046, pad=0.04)
         if np.any(d <= 0):
