@@ -28,6 +28,7 @@ from dipreg.images import (
     same_grid,
     write_image,
 )
+from dipreg.memory import check_memory
 from dipreg.metrics import image_metrics, jacobian_statistics
 from dipreg.transforms import (
     Grid,
@@ -195,6 +196,7 @@ def register(
     fixed_image, moving_image = load_pair(fixed, moving, channel, fixed_channel, moving_channel, spacing)
     moving_on_fixed = moving_image if same_grid(fixed_image, moving_image) else resample_to_fixed(moving_image, fixed_image)
     grid = Grid.from_image(fixed_image)
+    check_memory(grid.shape, config)
 
     def tensor(image: sitk.Image, value_range: tuple[float, float]) -> torch.Tensor:
         array = normalise(sitk.GetArrayViewFromImage(image), value_range)

@@ -1,0 +1,150 @@
+"""Peak memory of a registration, estimated before it starts, and the check that refuses one.
+
+The estimate models a CPU run of :func:`dipreg.register` as two phases on top of a fixed
+cost (interpreter, libraries and the two input images):
+
+* the optimisation loop: the tensors autograd saves in one iteration at the finest loss
+  level (network activations on the field grid, field integration and resizing, warp
+  grids, loss intermediates), counted exactly on the ``meta`` device without allocating
+  them, times a factor for the gradients alive during the backward pass; plus weights,
+  gradients and the two Adam moments;
+* the outputs: the full-resolution field (float32 and float64 copies, the SimpleITK
+  field), the warped image, det(J) with its gradients and the SSIM intermediates.
+
+The constants were fitted to peak RSS measured in fresh processes (2D ANTs slices at 128²,
+256² and 1024², default and paper presets; OASIS at 48×64×53, 72×96×80 and 144×192×160
+with field resolutions 0.25 and 0.5) by ``benchmarks/memory_calibration.py``; the
+estimate is 0.89-1.07 times those measurements. On CUDA the optimisation tensors live
+on the GPU, so for host memory the estimate is an upper bound.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+
+import torch
+from torch.autograd.graph import saved_tensors_hooks
+
+from dipreg.engine import FieldModel, RegistrationConfig, field_grid_shape, pyramid_shapes
+from dipreg.errors import DipregError
+from dipreg.losses import diffusion, similarity_loss
+from dipreg.transforms import identity_grid, integrate_velocity, resize_field, warp
+
+_MB = 2**20
+
+#: Interpreter with torch, SimpleITK, scikit-image and matplotlib loaded (measured ~345 MB).
+BASE_BYTES = 345 * _MB
+#: Thread pools, kernels and allocator caches torch adds once it computes (measured 60-130 MB).
+TORCH_RUNTIME_BYTES = 100 * _MB
+#: Fixed and moving image as SimpleITK images and float32 tensors, plus their pyramid copies.
+INPUT_BYTES_PER_VOXEL = 20
+#: Peak of the backward pass relative to the bytes autograd saved in the forward pass (fitted).
+AUTOGRAD_FACTOR = 1.4
+#: Output phase per voxel of the image: field copies, warped image, det(J) and its gradients,
+#: SSIM intermediates (fitted on 2D 1024² and OASIS 144×192×160).
+OUTPUT_BYTES_PER_VOXEL = {2: 160, 3: 250}
+
+
+def _saved_bytes(step: Callable[[], object]) -> int:
+    """Bytes of the tensors autograd saves while ``step`` runs (on the meta device: nothing is allocated)."""
+    total = 0
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.device("meta"), saved_tensors_hooks(pack, lambda tensor: tensor):
+        step()
+    return total
+
+
+def optimisation_bytes(shape: tuple[int, ...], config: RegistrationConfig) -> int:
+    """Memory of one iteration of the deformable stage at its finest level (bytes, CPU)."""
+    ndim = len(shape)
+    field_shape = field_grid_shape(shape, config.field_resolution)
+    level = pyramid_shapes(shape, config.pyramid_levels, max_voxels=config.max_loss_voxels)[-1]
+    with torch.device("meta"):
+        model = FieldModel(config, ndim, field_shape)
+    similarity = similarity_loss(config.loss, config.lncc_window)
+
+    def step() -> None:
+        image = torch.empty(1, 1, *level)
+        field = model()
+        displacement = torch.einsum("ij,bj...->bi...", torch.eye(ndim), field)  # mm -> normalised units
+        if config.field == "svf":
+            displacement = integrate_velocity(displacement, identity_grid(field_shape, "meta"),
+                                              config.integration_steps)
+        warped = warp(image, resize_field(displacement, level), identity_grid(level, "meta"))
+        loss = similarity(image, warped)
+        if config.regularization > 0:
+            loss = loss + diffusion(field, [1.0] * ndim)
+
+    parameters = sum(p.numel() for p in model.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    # weights, gradients and the two Adam moments (float32)
+    return int(AUTOGRAD_FACTOR * _saved_bytes(step)) + 16 * parameters + 2 * buffers
+
+
+def estimate_peak_memory(shape: tuple[int, ...], config: RegistrationConfig) -> int:
+    """Estimated peak resident memory (bytes) of registering images of ``shape`` with ``config``.
+
+    Args:
+        shape: image array shape, ``(y, x)`` or ``(z, y, x)``.
+        config: the registration options.
+    """
+    ndim = len(shape)
+    if ndim not in OUTPUT_BYTES_PER_VOXEL:
+        raise DipregError(f"memory estimate: {ndim}D images are not supported (2D or 3D only)")
+    voxels = math.prod(shape)
+    working = max(optimisation_bytes(tuple(shape), config), OUTPUT_BYTES_PER_VOXEL[ndim] * voxels)
+    return BASE_BYTES + INPUT_BYTES_PER_VOXEL * voxels + TORCH_RUNTIME_BYTES + working
+
+
+def available_memory() -> int | None:
+    """Memory available to a new allocation now (bytes): psutil, else /proc/meminfo, else sysconf
+    (available pages, or total physical memory where only that is reported); None if unknown."""
+    try:
+        import psutil
+    except ImportError:
+        pass
+    else:
+        return int(psutil.virtual_memory().available)
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    names = getattr(os, "sysconf_names", {})
+    for pages in ("SC_AVPHYS_PAGES", "SC_PHYS_PAGES"):
+        if pages in names:
+            return os.sysconf(pages) * os.sysconf("SC_PAGE_SIZE")
+    return None
+
+
+def check_memory(shape: tuple[int, ...], config: RegistrationConfig, available: int | None = None) -> int:
+    """Refuse a registration whose estimated peak memory exceeds the available memory.
+
+    Args:
+        shape: image array shape.
+        config: the registration options.
+        available: bytes available (default: :func:`available_memory`; no check where unknown).
+
+    Returns:
+        The estimate in bytes.
+
+    Raises:
+        DipregError: naming the estimate and the available memory, before any work starts.
+    """
+    estimate = estimate_peak_memory(shape, config)
+    available = available_memory() if available is None else available
+    if available is not None and estimate > available:
+        raise DipregError(
+            f"registering a {'x'.join(map(str, shape))} image with these options needs about "
+            f"{estimate / 1e9:.1f} GB of memory, but only {available / 1e9:.1f} GB is available; "
+            "lower --field-resolution, --channels or --max-loss-voxels, or downsample the images")
+    return estimate
