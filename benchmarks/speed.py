@@ -50,7 +50,7 @@ import torch
 import dipreg
 from dipreg.cli import read_displacement
 from dipreg.engine import make_config
-from dipreg.evaluation import PairSpec, _score_pair, _thread_limit, read_pairs
+from dipreg.evaluation import PairSpec, score_pair, thread_limit, read_pairs
 from dipreg.images import write_image
 from dipreg.memory import estimate_peak_memory
 from dipreg.registration import load_pair, result_from_displacement
@@ -120,7 +120,7 @@ def score(spec: PairSpec, fixed: sitk.Image, moving: sitk.Image, outdir: Path) -
     field = sitk.Cast(read_displacement(outdir / "displacement.nii.gz"), sitk.sitkVectorFloat64)
     field.CopyInformation(fixed)  # NIfTI round trips perturb the header in the last digits
     result = result_from_displacement(fixed, moving, field, {})
-    labels, _ = _score_pair(spec, result, notes=[])
+    labels, _ = score_pair(spec, result, notes=[])
     metrics = {**result.metrics, **labels}
     return {key: metrics[key] for key in ACCURACY if key in metrics}
 
@@ -251,7 +251,7 @@ def main() -> None:
     started = datetime.datetime.now().isoformat(timespec="seconds")
     load_before = os.getloadavg()
     results = {}
-    with tempfile.TemporaryDirectory(prefix="dipreg-speed-") as workdir, _thread_limit(args.threads):
+    with tempfile.TemporaryDirectory(prefix="dipreg-speed-") as workdir, thread_limit(args.threads):
         for name in args.pairs:
             print(f"{name}:", flush=True)
             results[name] = benchmark_pair(name, pairs[name], methods, args.repeats, args.device, Path(workdir))

@@ -169,7 +169,7 @@ def _label_map_on(path: Path, image: sitk.Image, notes: list[str]) -> sitk.Image
     return labels
 
 
-def _score_pair(spec: PairSpec, result: RegistrationResult,
+def score_pair(spec: PairSpec, result: RegistrationResult,
                 notes: list[str]) -> tuple[dict[str, Any], sitk.Image | None]:
     """Dice, mask Dice and endpoint error of a result, as far as the pair's columns allow.
 
@@ -211,7 +211,7 @@ def evaluate_pair(spec: PairSpec, outdir: Path, method: str, preset: str | None 
     try:
         fixed, moving = load_pair(spec.fixed, spec.moving, channel, spec.fixed_channel, spec.moving_channel)
         result = run_method(method, fixed, moving, preset, **(options or {}))
-        scores, warped_labels = _score_pair(spec, result, notes)
+        scores, warped_labels = score_pair(spec, result, notes)
         result.metrics.update(scores)
         pair_dir = result.save(outdir / "pairs" / spec.id)
         if warped_labels is not None:
@@ -287,7 +287,7 @@ def format_table(summary: dict[str, Any]) -> str:
 
 
 @contextlib.contextmanager
-def _thread_limit(threads: int) -> Iterator[None]:
+def thread_limit(threads: int) -> Iterator[None]:
     """Thread counts for processes started inside the block (OpenMP/torch, ITK, ANTs)."""
     names = ("OMP_NUM_THREADS", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS")
     saved = {name: os.environ.get(name) for name in names}
@@ -316,7 +316,7 @@ def _map_pairs(task: Callable[[PairSpec], dict[str, Any]], specs: list[PairSpec]
     except ImportError:
         raise DipregError("--workers needs Dask: pip install 'dipreg[batch]'") from None
     threads = max(1, (os.cpu_count() or 1) // workers)
-    with _thread_limit(threads), LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+    with thread_limit(threads), LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                               dashboard_address=None) as cluster, Client(cluster) as client:
         futures = client.map(task, specs, pure=False)
         by_id = {}
