@@ -6,6 +6,13 @@ variant and pair; re-running merges into it) and regenerates ``docs/ablation.md`
     python benchmarks/ablation.py                          # everything (slow: ~1 h on 2 cores)
     python benchmarks/ablation.py --datasets knownwarp2d --variants default "z fixed"
     python benchmarks/ablation.py --report-only            # rebuild docs/ablation.md from the JSON
+    python benchmarks/ablation.py --datasets oasis3d --tag H100 --deadline 1700000000 ...
+
+``--tag T`` stores the rows as "<variant> (T)" (e.g. the machine they ran on), so that rows from
+another device do not mix with the untagged (CPU) rows; their Δ column is against "default (T)".
+Several processes may write the same JSON at once (each row is merged in under a file lock), and
+``--deadline`` (Unix time) stops a process from starting a registration that would not finish by
+then (estimated from the slowest one it has run on that data set).
 
 Data sets (from ../shared/data):
   knownwarp2d  MNI152 axial slices warped by a known smooth random field (max 8 mm):
@@ -18,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import fcntl
 import json
 import time
 from pathlib import Path
@@ -39,6 +47,8 @@ REPORT = ROOT / "docs" / "ablation.md"
 #: name -> (preset, options, run in 3D too)
 VARIANTS: dict[str, tuple[str, dict, bool]] = {
     "default": ("default", {}, True),
+    "seed 1": ("default", {"seed": 1}, True),
+    "seed 2": ("default", {"seed": 2}, True),
     "paper (literal)": ("paper", {}, False),
     "paper + fixed z": ("paper", {"z_mode": "fixed"}, False),
     "paper + affine + pyramid": ("paper", {"affine": True, "pyramid_levels": 2}, False),
@@ -49,17 +59,31 @@ VARIANTS: dict[str, tuple[str, dict, bool]] = {
     "field full res": ("default", {"field_resolution": 1.0}, False),
     "lambda 0": ("default", {"regularization": 0.0}, False),
     "lambda 0.3": ("default", {"regularization": 0.3}, False),
-    "lambda 2": ("default", {"regularization": 2.0}, False),
-    "lambda 3": ("default", {"regularization": 3.0}, False),
+    "lambda 2": ("default", {"regularization": 2.0}, True),
+    "lambda 3": ("default", {"regularization": 3.0}, True),
+    "lambda 4": ("default", {"regularization": 4.0}, True),
+    "lambda 5": ("default", {"regularization": 5.0}, True),
+    "lambda 3, seed 1": ("default", {"regularization": 3.0, "seed": 1}, True),
+    "lambda 3 + levels 3": ("default", {"regularization": 3.0, "levels": 3}, True),
+    "lncc window 5": ("default", {"lncc_window": 5}, True),
+    "lncc window 15": ("default", {"lncc_window": 15}, True),
+    "full-res loss": ("default", {"max_loss_voxels": 0}, True),
     "loss mae": ("default", {"loss": "mae"}, False),
     "loss ncc (global)": ("default", {"loss": "ncc"}, False),
     "no pyramid": ("default", {"pyramid_levels": 1}, False),
-    "pyramid 3": ("default", {"pyramid_levels": 3}, False),
+    "pyramid 3": ("default", {"pyramid_levels": 3}, True),
     "no affine": ("default", {"affine": False}, False),
     "no batchnorm": ("default", {"batchnorm": False}, False),
     "64 channels": ("default", {"channels": 64}, False),
+    "16 channels": ("default", {"channels": 16}, True),
+    "input channels 8": ("default", {"input_channels": 8}, True),
+    "levels 3": ("default", {"levels": 3}, True),
+    "field 1/8 res": ("default", {"field_resolution": 0.125}, True),
+    "iterations 200": ("default", {"iterations": 200}, True),
     "fast preset": ("fast", {}, True),
     "classic (free field, same loss/svf)": ("classic", {}, True),
+    "classic, lambda 3": ("classic", {"regularization": 3.0}, True),
+    "classic, lambda 5": ("classic", {"regularization": 5.0}, True),
 }
 
 METRICS = ("ssim", "folding_percent", "sdlogj", "dice_mean", "epe_mm", "seconds")
@@ -115,6 +139,7 @@ def run_pair(preset: str, options: dict, pair: dict) -> dict:
     result = dipreg.register(pair["fixed"], pair["moving"], preset, channel=pair.get("channel"), **options)
     row = {k: result.metrics[k] for k in ("ssim", "ncc", "folding_percent", "sdlogj", "jacobian_std")}
     row["seconds"] = time.perf_counter() - start
+    row.update({k: result.metrics[k] for k in ("device", "iterations", "stop_reason") if k in result.metrics})
     if "truth" in pair:
         row["epe_mm"] = displacement_endpoint_error(result.displacement, pair["truth"], pair["mask"])
     if "fixed_labels" in pair:
@@ -123,6 +148,25 @@ def run_pair(preset: str, options: dict, pair: dict) -> dict:
         row["dice"] = scores
         row["dice_mean"] = float(np.nanmean(list(scores.values())))
     return row
+
+
+def split_tag(name: str) -> tuple[str, str]:
+    """``"lambda 2 (H100)"`` -> ``("lambda 2", " (H100)")``; untagged names get ``""``."""
+    base, sep, tag = name.rpartition(" (")
+    if sep and tag.endswith(")") and base in VARIANTS:
+        return base, " (" + tag
+    return name, ""
+
+
+def merge_row(path: Path, variant: str, pair_name: str, row: dict) -> None:
+    """Merge one row into the JSON under an exclusive lock (several writers may share the file)."""
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = json.loads(path.read_text()) if path.exists() else {}
+        data.setdefault(variant, {})[pair_name] = row
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        tmp.replace(path)
 
 
 def write_report() -> None:
@@ -137,22 +181,31 @@ def write_report() -> None:
         "inverted known warp. Seconds are wall time per pair on the machine that ran it (2 CPU cores,",
         "shared with other jobs: compare within a table only).",
         "",
+        "Rows whose variant ends in **(H100)** ran on one NVIDIA H100 GPU (16 CPU cores), with several",
+        "registrations sharing the GPU at once: their accuracy columns compare with the CPU rows, their",
+        "seconds compare with nothing (neither with the CPU rows nor as a GPU speed measurement). Their",
+        "Δ column is against `default (H100)` on the same pairs; untagged rows ran on the 2-core CPU.",
+        "",
     ]
     for path in sorted(RESULTS.glob("ablation-*.json")):
         data = json.loads(path.read_text())
-        key = "epe_mm" if any("epe_mm" in r for r in data.get("default", {}).values()) else "ssim"
+        first = [r for rows in data.values() for r in rows.values()]
+        key = next((k for k in ("epe_mm", "dice_mean") if any(k in r for r in first)), "ssim")
         lines += [f"## {path.stem.removeprefix('ablation-')}", "",
                   "| variant | pairs | " + " | ".join(METRICS) + f" | Δ {key} vs default (same pairs) |",
                   "|---|---|" + "---|" * (len(METRICS) + 1)]
-        for variant in [v for v in VARIANTS if v in data] + [v for v in data if v not in VARIANTS]:
+        tags = sorted({split_tag(v)[1] for v in data})
+        ordered = [v + t for t in tags for v in VARIANTS if v + t in data]
+        for variant in ordered + [v for v in data if v not in ordered]:
             rows = list(data[variant].values())
+            baseline = data.get("default" + split_tag(variant)[1], {})
             cells = []
             for metric in METRICS:
                 values = [r[metric] for r in rows if metric in r and r[metric] is not None]
                 cells.append(f"{np.mean(values):.3f} ± {np.std(values):.3f}" if values else "")
-            common = [p for p in data[variant] if p in data.get("default", {})]
-            delta = np.mean([data[variant][p][key] - data["default"][p][key] for p in common]) if common else None
-            cells.append(f"{delta:+.3f}" if delta is not None and variant != "default" else "")
+            common = [p for p in data[variant] if p in baseline and key in baseline[p] and key in data[variant][p]]
+            delta = np.mean([data[variant][p][key] - baseline[p][key] for p in common]) if common else None
+            cells.append(f"{delta:+.3f}" if delta is not None and split_tag(variant)[0] != "default" else "")
             lines.append(f"| {variant} | {len(rows)} | " + " | ".join(cells) + " |")
         lines.append("")
     conclusion = ROOT / "benchmarks" / "ablation_conclusion.md"
@@ -169,22 +222,29 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=None, help="variant names (default: all; 3D: those marked)")
     parser.add_argument("--pairs", type=int, default=6, help="pairs per 2D data set")
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--tag", default="", help='store rows as "<variant> (TAG)", e.g. the device they ran on')
+    parser.add_argument("--deadline", type=float, default=None,
+                        help="Unix time: start no registration estimated to end after it")
     args = parser.parse_args()
     if not args.report_only:
         RESULTS.mkdir(parents=True, exist_ok=True)
         for dataset in args.datasets:
             path = RESULTS / f"ablation-{dataset}.json"
-            data = json.loads(path.read_text()) if path.exists() else {}
             pairs = list(DATASETS[dataset](args.pairs))
             names = args.variants or [v for v, (_, _, in3d) in VARIANTS.items() if in3d or dataset != "oasis3d"]
+            slowest = 0.0
             for variant in names:
                 preset, options, _ = VARIANTS[variant]
+                stored = variant + (f" ({args.tag})" if args.tag else "")
                 for pair_name, pair in pairs:
+                    if args.deadline is not None and time.time() + 1.1 * slowest > args.deadline:
+                        print(f"{dataset:12s} {stored:38s} {pair_name:40s} skipped: would end after the deadline", flush=True)
+                        continue
                     row = run_pair(preset, options, pair)
-                    data.setdefault(variant, {})[pair_name] = row
-                    print(f"{dataset:12s} {variant:38s} {pair_name:40s} "
+                    slowest = max(slowest, row["seconds"])
+                    merge_row(path, stored, pair_name, row)
+                    print(f"{dataset:12s} {stored:38s} {pair_name:40s} "
                           + " ".join(f"{k}={row[k]:.3f}" for k in METRICS if k in row), flush=True)
-                    path.write_text(json.dumps(data, indent=1))
     write_report()
 
 
