@@ -72,6 +72,7 @@ class RegistrationConfig:
     seed: int = _option(0, "random seed (network weights and noise)")
     device: str = _option("auto", "auto (CUDA when present), cpu or cuda", ("auto", "cpu", "cuda"))
     threads: int = _option(0, "CPU threads of the optimisation (0 = torch's default, one per core)")
+    mixed_precision: bool = _option(True, "bfloat16 autocast of the network on CUDA (ignored on the CPU, where it is slower)")
     channels_last: bool = _option(True, "channels-last memory format for the 2D network (faster on CPU; 3D is slower with it)")
 
     def validate(self) -> None:
@@ -186,7 +187,13 @@ class FieldModel(torch.nn.Module):
             z = z + torch.randn_like(z) * self.config.z_perturbation
         if self.config.channels_last and z.dim() == 4:
             z = z.contiguous(memory_format=torch.channels_last)
-        return self.network(z).contiguous()
+        if self.config.mixed_precision and z.device.type == "cuda":
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                field = self.network(z)
+        else:
+            field = self.network(z)
+        # The field is integrated, resampled and penalised in float32.
+        return field.float().contiguous()
 
 
 class _Stopper:
