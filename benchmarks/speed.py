@@ -3,7 +3,8 @@
 Both tools register the SAME pairs in ONE invocation, alternating (the method order rotates
 with each repetition), each run a whole process started from scratch:
 
-* ``dipreg register FIXED MOVING -o OUT --quiet --preset P --device D``
+* ``python -m dipreg register FIXED MOVING -o OUT --quiet --preset P --device D`` (the same
+  command line as the ``dipreg`` console script)
 * ``python benchmarks/ants_syn.py FIXED MOVING OUT`` (``ants.registration(type_of_transform="SyN")``
   with its defaults, writing the warped image and the composed displacement field)
 
@@ -24,6 +25,7 @@ Writes ``benchmarks/results/speed-<host>.json`` and prints medians and the dipre
     python benchmarks/speed.py --pairs ants2d --repeats 1    # a quick check
     python benchmarks/speed.py --skip-paper --threads 2
     python benchmarks/speed.py --device cuda                 # dipreg on the GPU (ANTs stays on the CPU)
+    python benchmarks/speed.py --device cuda --skip-ants     # a GPU machine without antspyx
 """
 
 from __future__ import annotations
@@ -86,11 +88,8 @@ def command(method: str, fixed: Path, moving: Path, outdir: Path, device: str) -
     """The command line of one whole-process run."""
     if method == BASELINE:
         return [sys.executable, str(ANTS_SCRIPT), str(fixed), str(moving), str(outdir)]
-    executable = shutil.which("dipreg")
-    if executable is None:
-        raise SystemExit("the dipreg command is not on PATH: pip install -e . first")
     preset = method.split()[-1]
-    return [executable, "register", str(fixed), str(moving), "-o", str(outdir), "--quiet",
+    return [sys.executable, "-m", "dipreg", "register", str(fixed), str(moving), "-o", str(outdir), "--quiet",
             "--preset", preset, "--device", device]
 
 
@@ -240,6 +239,8 @@ def main() -> None:
     parser.add_argument("--pairs", nargs="+", choices=list(pairs), default=list(pairs), help="pairs to run (default: all)")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each method per pair (default: %(default)s)")
     parser.add_argument("--skip-paper", action="store_true", help="leave out the (slow) paper preset")
+    parser.add_argument("--skip-ants", action="store_true",
+                        help="leave out ANTs SyN (where antspyx is not installed, e.g. a GPU machine): no ratios")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                         help="dipreg's --device (default: %(default)s); ANTs runs on the CPU")
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
@@ -247,7 +248,8 @@ def main() -> None:
     parser.add_argument("-o", "--output", type=Path, default=RESULTS / f"speed-{platform.node()}.json",
                         help="JSON file to write (default: %(default)s)")
     args = parser.parse_args()
-    methods = [m for m in METHODS if not (args.skip_paper and m == "dipreg paper")]
+    methods = [m for m in METHODS
+               if not (args.skip_paper and m == "dipreg paper") and not (args.skip_ants and m == BASELINE)]
     started = datetime.datetime.now().isoformat(timespec="seconds")
     load_before = os.getloadavg()
     results = {}
@@ -260,7 +262,9 @@ def main() -> None:
         "threads": args.threads, "device": args.device, "repeats": args.repeats, "started": started,
         "load_average_before": load_before, "load_average_after": os.getloadavg(),
         "versions": {"dipreg": dipreg.__version__, "torch": torch.__version__, "numpy": np.__version__,
-                     "antspyx": importlib.metadata.version("antspyx"), "python": platform.python_version()},
+                     "antspyx": None if args.skip_ants else importlib.metadata.version("antspyx"),
+                     "python": platform.python_version()},
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else None,
         "wall_definition": "whole process, start to exit (imports, reading, registration, metrics/outputs)",
         "peak_rss_definition": "ru_maxrss of the child process (wait4)",
         "pairs": results,

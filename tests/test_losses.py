@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from dipreg.losses import diffusion, lncc, mae, mse, ncc, similarity_loss
+from dipreg.losses import LocalNCC, diffusion, lncc, mae, mse, ncc, similarity_loss
 
 
 def as_tensor(array) -> torch.Tensor:
@@ -85,6 +85,25 @@ def test_lncc_matches_brute_force_windows(shape: tuple[int, ...], window: int, r
     warped = 0.5 * fixed + 0.3 * rng.random(shape)
     expected = _lncc_reference(fixed, warped, window)
     assert lncc(as_tensor(fixed), as_tensor(warped), window=window).item() == pytest.approx(expected, rel=1e-9)
+
+
+def test_local_ncc_reuses_fixed_statistics_only_for_the_same_fixed_tensor(rng: np.random.Generator) -> None:
+    """A LocalNCC called with a new fixed tensor, or the same one modified in place, recomputes;
+    the gradient through the cached path equals the uncached one."""
+    loss = LocalNCC(window=5)
+    a, b = as_tensor(rng.random((20, 24))), as_tensor(rng.random((20, 24)))
+    warped = (0.5 * a + 0.1 * b).requires_grad_(True)
+    first = loss(a, warped)
+    first.backward()
+    cached_grad = warped.grad.clone()
+    warped.grad = None
+    again = loss(a, warped)
+    again.backward()
+    assert again.item() == first.item()
+    torch.testing.assert_close(warped.grad, cached_grad)
+    assert loss(b, warped).item() == pytest.approx(lncc(b, warped, window=5).item(), rel=1e-12)
+    b.mul_(2.0).add_(a)
+    assert loss(b, warped).item() == pytest.approx(lncc(b, warped, window=5).item(), rel=1e-12)
 
 
 def _linear_field(shape: tuple[int, ...], spacing: tuple[float, ...], array_axis: int, slope: float) -> torch.Tensor:

@@ -318,3 +318,31 @@ def test_progress_callback_sees_every_iteration(brain_slice: sitk.Image) -> None
     result = dipreg.register(brain_slice, brain_slice, iterations=4, callback=lambda i, loss: seen.append((i, loss)))
     assert len(seen) == result.metrics["iterations"] == 4
     assert all(np.isfinite(loss) for _, loss in seen)
+
+
+def test_callback_sees_each_iteration_in_order_across_loss_reads(brain_slice: sitk.Image) -> None:
+    """Losses are read from the device in batches; the callback still gets 1, 2, ... N, and the
+    history recorded in the result is the same sequence."""
+    seen: list[tuple[int, float]] = []
+    result = dipreg.register(brain_slice, brain_slice, iterations=23, patience=0, pyramid_levels=1,
+                             affine=False, callback=lambda i, loss: seen.append((i, loss)))
+    assert [i for i, _ in seen] == list(range(1, 24))
+    assert [loss for _, loss in seen] == result.loss_history[-23:]
+
+
+def test_early_stopping_ends_a_flat_optimisation(brain_slice: sitk.Image) -> None:
+    """A pair that is already aligned has nothing to gain: with a patience the loop stops well
+    before the maximum and says why."""
+    result = dipreg.register(brain_slice, brain_slice, iterations=400, patience=20, pyramid_levels=1,
+                             affine=False, z_mode="fixed")
+    assert result.metrics["iterations"] < 400
+    assert "stopped improving" in result.metrics["stop_reason"]
+
+
+def test_threads_option_applies_during_the_optimisation_and_is_restored(brain_slice: sitk.Image) -> None:
+    before = torch.get_num_threads()
+    seen: list[int] = []
+    dipreg.register(brain_slice, brain_slice, iterations=3, threads=2,
+                    callback=lambda i, loss: seen.append(torch.get_num_threads()))
+    assert seen == [2, 2, 2]
+    assert torch.get_num_threads() == before

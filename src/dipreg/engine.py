@@ -12,11 +12,12 @@ by scaling and squaring, and may live on a grid coarser than the image.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,9 @@ from dipreg.networks import SkipGenerator
 from dipreg.transforms import Grid, identity_grid, integrate_velocity, resize_field, warp
 
 ProgressCallback = Callable[[int, float], None]
+
+#: Deformable iterations between reads of the loss value (each read waits for the device).
+LOSS_READ_INTERVAL = 10
 
 
 def _option(default, help: str, choices: tuple | None = None):
@@ -67,6 +71,8 @@ class RegistrationConfig:
     patience: int = _option(100, "stop when the smoothed loss has not improved for this many iterations (0 = never)")
     seed: int = _option(0, "random seed (network weights and noise)")
     device: str = _option("auto", "auto (CUDA when present), cpu or cuda", ("auto", "cpu", "cuda"))
+    threads: int = _option(0, "CPU threads of the optimisation (0 = torch's default, one per core)")
+    mixed_precision: bool = _option(True, "bfloat16 autocast of the network on CUDA (ignored on the CPU, where it is slower)")
     channels_last: bool = _option(True, "channels-last memory format for the 2D network (faster on CPU; 3D is slower with it)")
 
     def validate(self) -> None:
@@ -77,6 +83,8 @@ class RegistrationConfig:
                 raise DipregError(f"option {f.name}={getattr(self, f.name)!r}: choose from {', '.join(choices)}")
         if not 0 < self.field_resolution <= 1:
             raise DipregError(f"option field_resolution={self.field_resolution}: must be in (0, 1]")
+        if self.threads < 0:
+            raise DipregError(f"option threads={self.threads}: must be 0 (default) or a positive count")
         for name in ("iterations", "channels", "levels", "input_channels", "lncc_window"):
             if getattr(self, name) < 1:
                 raise DipregError(f"option {name}={getattr(self, name)}: must be at least 1")
@@ -110,6 +118,18 @@ def make_config(preset: str = "default", **overrides) -> RegistrationConfig:
     config = RegistrationConfig(**values)
     config.validate()
     return config
+
+
+@contextlib.contextmanager
+def cpu_threads(threads: int) -> Iterator[None]:
+    """Run the block with ``threads`` torch CPU threads (0 leaves the setting alone)."""
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -167,7 +187,13 @@ class FieldModel(torch.nn.Module):
             z = z + torch.randn_like(z) * self.config.z_perturbation
         if self.config.channels_last and z.dim() == 4:
             z = z.contiguous(memory_format=torch.channels_last)
-        return self.network(z).contiguous()
+        if self.config.mixed_precision and z.device.type == "cuda":
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                field = self.network(z)
+        else:
+            field = self.network(z)
+        # The field is integrated, resampled and penalised in float32.
+        return field.float().contiguous()
 
 
 class _Stopper:
@@ -296,11 +322,18 @@ def optimise(
         grid: geometry of the fixed image (converts mm to sampler units).
         config: the options.
         progress: show a progress bar with the current loss.
-        callback: called as ``callback(iteration, loss)`` after every deformable iteration.
+        callback: called as ``callback(iteration, loss)`` for every deformable iteration, in
+            batches of :data:`LOSS_READ_INTERVAL` (the loss is read from the device that often).
 
     Raises:
         DipregError: if the loss becomes NaN or Inf.
     """
+    with cpu_threads(config.threads):
+        return _optimise(fixed, moving, grid, config, progress, callback)
+
+
+def _optimise(fixed: torch.Tensor, moving: torch.Tensor, grid: Grid, config: RegistrationConfig,
+              progress: bool, callback: ProgressCallback | None) -> OptimisationResult:
     start = time.perf_counter()
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
@@ -343,6 +376,7 @@ def optimise(
         count = per_level if level < len(levels) - 1 else config.iterations - per_level * (len(levels) - 1)
         bar = tqdm(range(count), disable=not progress, desc=f"deformable {'x'.join(map(str, level_shape))}",
                    unit="it", leave=False)
+        pending: list[torch.Tensor] = []
         for step in bar:
             optimizer.zero_grad(set_to_none=True)
             field_mm = model()
@@ -350,16 +384,23 @@ def optimise(
             loss = similarity(fixed_level, warped)
             if config.regularization > 0:
                 loss = loss + config.regularization * diffusion(field_mm, coarse_spacing)
-            value = float(loss.detach())
-            history.append(value)
-            iteration += 1
-            if callback is not None:
-                callback(iteration, value)
-            if step % 10 == 0:
-                bar.set_postfix(loss=f"{value:.4f}")
-            if stopper.update(step, value):
-                stop_reason = f"loss stopped improving for {config.patience} iterations"
-                break
+            pending.append(loss.detach())
+            # Reading the loss waits for the device: do it once per LOSS_READ_INTERVAL iterations.
+            if len(pending) == LOSS_READ_INTERVAL or step == count - 1:
+                values = torch.stack(pending).tolist()
+                pending.clear()
+                first_step = step - len(values) + 1
+                stopped = False
+                for offset, value in enumerate(values):
+                    history.append(value)
+                    iteration += 1
+                    if callback is not None:
+                        callback(iteration, value)
+                    stopped = stopper.update(first_step + offset, value) or stopped
+                bar.set_postfix(loss=f"{values[-1]:.4f}")
+                if stopped:
+                    stop_reason = f"loss stopped improving for {config.patience} iterations"
+                    break
             loss.backward()
             optimizer.step()
         bar.close()

@@ -35,42 +35,59 @@ def box_mean(x: torch.Tensor, window: int) -> torch.Tensor:
     """Mean of ``[N, C, *spatial]`` over a box of ``window`` voxels per axis, clipped at the border.
 
     The box of voxel ``i`` spans ``i - (window - 1) // 2 .. i + window // 2`` per axis (centred
-    for odd widths). Computed separably, one axis at a time (a clipped box is a product of
-    clipped intervals), so the cost grows with ``window`` rather than ``window ** ndim``.
+    for odd widths). Computed separably from cumulative sums (a clipped box is a product of
+    clipped intervals), so the cost does not grow with ``window``.
     """
     ndim = x.dim() - 2
-    pool = F.avg_pool2d if ndim == 2 else F.avg_pool3d
     before, after = (window - 1) // 2, window // 2
-    for axis in range(ndim):
-        kernel = [1] * ndim
-        kernel[axis] = window
-        # avg_pool refuses inputs shorter than the kernel even with padding: pad by hand there.
-        if before == after and x.shape[2 + axis] >= window:
-            padding = [0] * ndim
-            padding[axis] = before
-            x = pool(x, kernel, stride=1, padding=padding, count_include_pad=False)
-        else:
-            # avg_pool pads symmetrically: pad one voxel less before than after by hand (even
-            # widths) and divide by the number of voxels inside the image.
-            pad = [0, 0] * ndim
-            pad[2 * (ndim - 1 - axis)], pad[2 * (ndim - 1 - axis) + 1] = before, after
-            count = pool(F.pad(torch.ones_like(x[:1, :1]), pad), kernel, stride=1)
-            x = pool(F.pad(x, pad), kernel, stride=1) / count
+    for axis in range(2, 2 + ndim):
+        n = x.shape[axis]
+        # prefix[k] = sum of the first k voxels along the axis.
+        prefix = torch.cat([torch.zeros_like(x.narrow(axis, 0, 1)), torch.cumsum(x, dim=axis)], dim=axis)
+        index = torch.arange(n, device=x.device)
+        upper, lower = (index + after + 1).clamp_max(n), (index - before).clamp_min(0)
+        count_shape = [1] * x.dim()
+        count_shape[axis] = n
+        inverse_count = (1.0 / (upper - lower).to(x.dtype)).reshape(count_shape)
+        x = (prefix.index_select(axis, upper) - prefix.index_select(axis, lower)) * inverse_count
     return x
 
 
-def lncc(fixed: torch.Tensor, warped: torch.Tensor, window: int = 9, eps: float = 1e-5) -> torch.Tensor:
+class LocalNCC:
     """One minus the mean squared local normalised cross-correlation in a box window.
 
-    Local means use :func:`box_mean` (windows clipped at the image border).
+    Local means use :func:`box_mean`. The fixed image's local statistics are computed once
+    per fixed tensor and reused while the same (unmodified) tensor is passed again, which
+    saves two fifths of the work in an optimisation loop.
     """
-    channels = fixed.shape[1]
-    stacked = torch.cat([fixed, warped, fixed * fixed, warped * warped, fixed * warped], dim=1)
-    mean_f, mean_w, mean_ff, mean_ww, mean_fw = box_mean(stacked, window).split(channels, dim=1)
-    cross = mean_fw - mean_f * mean_w
-    var_f = (mean_ff - mean_f**2).clamp_min(0.0)
-    var_w = (mean_ww - mean_w**2).clamp_min(0.0)
-    return 1.0 - (cross * cross / (var_f * var_w + eps)).mean()
+
+    def __init__(self, window: int = 9, eps: float = 1e-5):
+        self.window, self.eps = window, eps
+        self._fixed: tuple[torch.Tensor, int] | None = None
+        self._fixed_statistics: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _statistics(self, fixed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cached = self._fixed is not None and self._fixed[0] is fixed and self._fixed[1] == fixed._version
+        if not cached:
+            mean_f, mean_ff = box_mean(torch.cat([fixed, fixed * fixed], dim=1), self.window).split(fixed.shape[1], dim=1)
+            statistics = (mean_f, (mean_ff - mean_f**2).clamp_min(0.0))
+            if fixed.requires_grad:  # part of a graph: not reusable across backward passes
+                return statistics
+            self._fixed, self._fixed_statistics = (fixed, fixed._version), statistics
+        return self._fixed_statistics
+
+    def __call__(self, fixed: torch.Tensor, warped: torch.Tensor) -> torch.Tensor:
+        mean_f, var_f = self._statistics(fixed)
+        stacked = torch.cat([warped, warped * warped, fixed * warped], dim=1)
+        mean_w, mean_ww, mean_fw = box_mean(stacked, self.window).split(fixed.shape[1], dim=1)
+        cross = mean_fw - mean_f * mean_w
+        var_w = (mean_ww - mean_w**2).clamp_min(0.0)
+        return 1.0 - (cross * cross / (var_f * var_w + self.eps)).mean()
+
+
+def lncc(fixed: torch.Tensor, warped: torch.Tensor, window: int = 9, eps: float = 1e-5) -> torch.Tensor:
+    """One minus the mean squared local normalised cross-correlation (see :class:`LocalNCC`)."""
+    return LocalNCC(window, eps)(fixed, warped)
 
 
 def diffusion(field: torch.Tensor, spacing: Sequence[float]) -> torch.Tensor:
@@ -92,7 +109,7 @@ def diffusion(field: torch.Tensor, spacing: Sequence[float]) -> torch.Tensor:
 def similarity_loss(name: str, lncc_window: int = 9) -> SimilarityLoss:
     """Look up a similarity loss by name: ``mae``, ``mse``, ``ncc`` or ``lncc``."""
     if name == "lncc":
-        return lambda fixed, warped: lncc(fixed, warped, window=lncc_window)
+        return LocalNCC(lncc_window)
     losses: dict[str, SimilarityLoss] = {"mae": mae, "mse": mse, "ncc": ncc}
     if name not in losses:
         raise ValueError(f"unknown loss {name!r}; choose from mae, mse, ncc, lncc")
