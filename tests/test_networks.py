@@ -6,8 +6,10 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from dipreg.networks import PaddedConv, SkipGenerator
+import dipreg.networks
+from dipreg.networks import NATIVE_CONV3D_LIMIT, PaddedConv, SkipGenerator, conv3d_by_depth_taps
 
 
 @pytest.mark.parametrize("shape", [(37, 51), (19, 23, 17), (16, 16), (2, 3)])
@@ -87,3 +89,35 @@ def test_rejects_unsupported_dimension() -> None:
     """Only 2D and 3D fields."""
     with pytest.raises(ValueError, match="spatial_dims"):
         SkipGenerator(1, 4, 1, [4])
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("shape", [(1, 5, 7, 6, 9), (1, 3, 8, 5, 4)])
+def test_conv3d_by_depth_taps_equals_conv3d(shape: tuple[int, ...], stride: int) -> None:
+    """Output and the gradients of input, weight and bias match torch's 3D convolution."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=generator, dtype=torch.float64)
+    weight = torch.randn(4, shape[1], 3, 3, 3, generator=generator, dtype=torch.float64)
+    bias = torch.randn(4, generator=generator, dtype=torch.float64)
+    results = []
+    for function in (lambda *a: F.conv3d(*a[:3], stride=a[3]), conv3d_by_depth_taps):
+        inputs = [t.clone().requires_grad_(True) for t in (x, weight, bias)]
+        out = function(*inputs, stride)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=torch.float64).reshape(out.shape)).sum().backward()
+        results.append([out, *(t.grad for t in inputs)])
+    for expected, actual in zip(*results):
+        torch.testing.assert_close(actual, expected)
+
+
+def test_padded_conv_on_small_cpu_volumes_matches_the_plain_convolution(monkeypatch) -> None:
+    """Below the size where torch falls back to its native 3D kernel, PaddedConv computes the
+    convolution by depth taps; the result is the plain convolution of the padded input."""
+    calls = []
+    monkeypatch.setattr(dipreg.networks, "conv3d_by_depth_taps",
+                        lambda *args: calls.append(args) or conv3d_by_depth_taps(*args))
+    conv = PaddedConv(3, 4, 6, 3, stride=2)
+    x = torch.randn(1, 4, 9, 10, 11)
+    assert 4 * 11 * 12 <= NATIVE_CONV3D_LIMIT  # channels x padded depth x padded height
+    expected = conv.conv(F.pad(x, [1] * 6, mode="reflect"))
+    torch.testing.assert_close(conv(x), expected, rtol=1e-5, atol=1e-5)
+    assert len(calls) == 1
