@@ -1,5 +1,5 @@
-"""The channels_last path (CPU) and the bfloat16 autocast path (CUDA) of the network give the
-field of the plain contiguous fp32 path.
+"""The channels_last path (CPU), the bfloat16 autocast path and CUDA graph replay (CUDA) give
+the field of the plain eager contiguous fp32 path.
 
 Both paths compute the same function, but the convolutions sum in a different order, and the
 per-pair optimisation amplifies those rounding differences (Adam normalises the gradients,
@@ -7,7 +7,8 @@ so a tiny difference can flip a small step). Fields are therefore compared after
 registration against a stated tolerance, not bit for bit. Measured on a 64x64 slice at 4 mm
 (known warp up to 8 mm, 100 iterations, seeds 0-2): mean distance between the two fields
 0.24-0.31 mm, largest 1.0-1.3 mm, endpoint errors against the truth within 0.01 mm. The
-bfloat16 path is held to the same tolerances; it only runs where CUDA is present (not in CI).
+bfloat16 and CUDA graph paths are held to the same tolerances; they only run where CUDA is
+present (not in CI).
 """
 
 from __future__ import annotations
@@ -46,3 +47,8 @@ def test_channels_last_gives_the_field_of_the_contiguous_path(brain_slice: sitk.
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bfloat16 autocast is used on CUDA only")
 def test_bfloat16_autocast_gives_the_field_of_the_fp32_path(brain_slice: sitk.Image) -> None:
     _assert_same_registration(brain_slice, "mixed_precision", device="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs exist on CUDA only")
+def test_cuda_graph_replay_gives_the_field_of_eager_steps(brain_slice: sitk.Image) -> None:
+    _assert_same_registration(brain_slice, "cuda_graphs", device="cuda")
