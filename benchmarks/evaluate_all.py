@@ -217,6 +217,10 @@ def main(argv: list[str] | None = None) -> int:
                       "summary": json.loads((outdir / "summary.json").read_text()), "pairs": read_results(outdir)}
             (results / f"evaluate-{dataset}-{method}.json").write_text(json.dumps(record, indent=2) + "\n")
         if outdirs:
+            # Compare every method with results in the work folder, including earlier runs.
+            for method in METHODS:
+                if method not in outdirs and (workdir / dataset / method / "summary.json").is_file():
+                    outdirs[method] = workdir / dataset / method
             ordered = [_relative(outdirs[m], ROOT) for m in METHODS if m in outdirs]
             run(["compare", *ordered, "-o", _relative(workdir / dataset / "report", ROOT)])
     print(f"wrote {write_report(results)} (dipreg {__version__}, SimpleITK {sitk.Version_VersionString()})")
