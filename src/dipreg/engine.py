@@ -65,7 +65,7 @@ class RegistrationConfig:
     affine_iterations: int = _option(200, "Adam iterations of the affine stage")
     affine_learning_rate: float = _option(1e-2, "Adam learning rate of the affine translation (matrix: a quarter of it)")
     pyramid_levels: int = _option(2, "coarse-to-fine image levels of the deformable stage (halving per level)")
-    max_loss_voxels: int = _option(2_000_000, "finest image level used by the loss has at most this many voxels (0 = full resolution)")
+    max_loss_voxels: int = _option(128**3, "finest image level used by the loss has at most this many voxels (0 = full resolution; default 128^3, so a 1 mm 256^3 volume is matched at 2 mm)")
     iterations: int = _option(400, "maximum Adam iterations of the deformable stage (split over the pyramid levels)")
     learning_rate: float = _option(5e-3, "Adam learning rate")
     patience: int = _option(100, "stop when the smoothed loss has not improved for this many iterations (0 = never)")

@@ -1,0 +1,36 @@
+"""Engine helpers: the image pyramid of the deformable stage and the CPU thread setting."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dipreg.engine import cpu_threads, make_config, pyramid_shapes
+
+
+@pytest.mark.parametrize("shape, expected", [
+    ((256, 256), [(128, 128), (256, 256)]),                   # 2D: full resolution
+    ((144, 192, 160), [(36, 48, 40), (72, 96, 80)]),          # OASIS, 4.4 M voxels: loss at half resolution
+    ((256, 256, 256), [(64, 64, 64), (128, 128, 128)]),       # a 1 mm 256^3 volume: 2 mm, not 4 mm
+    ((176, 256, 256), [(44, 64, 64), (88, 128, 128)]),
+])
+def test_default_pyramid_keeps_the_loss_at_most_128_cubed_voxels(shape, expected) -> None:
+    config = make_config()
+    assert pyramid_shapes(shape, config.pyramid_levels, max_voxels=config.max_loss_voxels) == expected
+
+
+def test_pyramid_without_a_voxel_cap_ends_at_full_resolution() -> None:
+    assert pyramid_shapes((256, 256, 256), 3, max_voxels=0) == [(64, 64, 64), (128, 128, 128), (256, 256, 256)]
+
+
+def test_pyramid_stops_before_levels_smaller_than_the_minimum() -> None:
+    assert pyramid_shapes((40, 50), 4, minimum=16) == [(20, 25), (40, 50)]
+
+
+def test_cpu_threads_sets_and_restores() -> None:
+    before = torch.get_num_threads()
+    with cpu_threads(before + 1):
+        assert torch.get_num_threads() == before + 1
+    assert torch.get_num_threads() == before
+    with cpu_threads(0):
+        assert torch.get_num_threads() == before
