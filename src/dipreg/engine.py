@@ -257,8 +257,12 @@ class CudaGraphStep(EagerStep):
             self.graph = torch.cuda.CUDAGraph()
             # Gradients set to None: backward allocates them from the graph's own memory pool.
             self.optimizer.zero_grad(set_to_none=True)
-            with torch.cuda.graph(self.graph):
-                self.loss = self.body()
+            try:
+                with torch.cuda.graph(self.graph):
+                    self.loss = self.body()
+            except RuntimeError as exc:
+                raise DipregError(f"capturing the iteration as a CUDA graph failed ({exc}); "
+                                  "run with --cuda-graphs false") from exc
         self.graph.replay()
         return self.loss.clone()
 
