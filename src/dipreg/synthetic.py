@@ -150,7 +150,8 @@ def invert_displacement(field: sitk.Image, iterations: int = 100, tolerance: flo
         inverse = grid.to_image(updated, is_vector=True)
         if change < tolerance:
             break
-    residual = float(np.sqrt((sitk.GetArrayViewFromImage(compose_displacements(field, inverse)) ** 2).sum(axis=-1)).max())
+    # A copy, not a view: the composed image is a temporary that is freed at once.
+    residual = float(np.sqrt((sitk.GetArrayFromImage(compose_displacements(field, inverse)) ** 2).sum(axis=-1)).max())
     if residual > max(10 * tolerance, 1e-3):
         raise DipregError(f"displacement inverse did not converge (residual {residual:.3g} mm after {iterations} iterations)")
     return inverse, residual
