@@ -358,3 +358,25 @@ def test_apply_onto_a_reference_grid(registered_2d: Path, pair_2d: dict[str, Pat
     warped = sitk.ReadImage(str(out))
     assert warped.GetSize() == (30, 20)
     np.testing.assert_allclose(warped.GetSpacing(), (2.0, 2.5), atol=1e-6)
+
+
+def test_register_reads_an_initial_transform_file(brain_slice: sitk.Image, tmp_path: Path, capsys) -> None:
+    """--initial-transform takes an ITK transform file; the written field includes it."""
+    shift = (8.0, 4.0)
+    moving = sitk.Resample(brain_slice, brain_slice, sitk.TranslationTransform(2, [-s for s in shift]), sitk.sitkLinear, 0.0)
+    transform_file = tmp_path / "initial.tfm"
+    sitk.WriteTransform(sitk.TranslationTransform(2, shift), str(transform_file))
+    code, _, err = run_cli(["register", write(brain_slice, tmp_path / "f.nii.gz"), write(moving, tmp_path / "m.nii.gz"),
+                            "-o", tmp_path / "out", "--initial-transform", transform_file, "--affine", "false", *FAST], capsys)
+    assert code == 0, err
+    field = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "displacement.nii.gz")))
+    brain = sitk.GetArrayFromImage(brain_slice) > 0.3 * sitk.GetArrayFromImage(brain_slice).max()
+    np.testing.assert_allclose(field[brain].mean(axis=0), shift, atol=0.5)
+
+
+def test_register_names_a_missing_initial_transform_file(brain_slice: sitk.Image, tmp_path: Path, capsys) -> None:
+    image = write(brain_slice, tmp_path / "f.nii.gz")
+    code, _, err = run_cli(["register", image, image, "-o", tmp_path / "out", "--initial-transform",
+                            tmp_path / "missing.tfm", *FAST], capsys)
+    assert code == 1
+    assert "missing.tfm: transform file not found" in err

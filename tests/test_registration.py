@@ -346,3 +346,32 @@ def test_threads_option_applies_during_the_optimisation_and_is_restored(brain_sl
                     callback=lambda i, loss: seen.append(torch.get_num_threads()))
     assert seen == [2, 2, 2]
     assert torch.get_num_threads() == before
+
+
+# ---------------------------------------------------------------------------------------------
+# initial transform
+
+
+def _shifted_copy(image: sitk.Image, shift_mm: tuple[float, ...]) -> sitk.Image:
+    """``moving(p) = image(p - shift)``: the fixed-to-moving map is the translation by ``shift``."""
+    return sitk.Resample(image, image, sitk.TranslationTransform(image.GetDimension(), [-s for s in shift_mm]),
+                         sitk.sitkLinear, 0.0)
+
+
+def test_initial_transform_is_applied_first_and_included_in_the_field(brain_slice: sitk.Image) -> None:
+    """With the exact translation as the initial transform there is nothing left to register:
+    the written field is that translation and the warped image matches the fixed one."""
+    shift = (10.0, -6.0)
+    moving = _shifted_copy(brain_slice, shift)
+    result = dipreg.register(brain_slice, moving, iterations=20, affine=False,
+                             initial_transform=sitk.TranslationTransform(2, shift))
+    interior = interior_mask(brain_slice)
+    np.testing.assert_allclose(result.displacement_array[interior].mean(axis=0), shift, atol=0.3)
+    assert np.linalg.norm(result.displacement_array - shift, axis=-1)[interior].max() < 1.0
+    assert result.metrics["ssim"] > 0.9
+    assert result.metrics["initial_transform"] == "given"
+
+
+def test_initial_transform_of_the_wrong_dimension_is_rejected(brain_slice: sitk.Image) -> None:
+    with pytest.raises(DipregError, match="3D for 2D"):
+        dipreg.register(brain_slice, brain_slice, iterations=2, initial_transform=sitk.TranslationTransform(3))

@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
                               "displacement.nii.gz (ITK displacement field, mm), jacobian.nii.gz (det J), qc.png, metrics.json.")
     reg.add_argument("fixed", type=Path, help="fixed (target) image; defines the output grid")
     reg.add_argument("moving", type=Path, help="moving image, resampled into the fixed image's physical space")
+    reg.add_argument("--initial-transform", type=Path, default=None, metavar="FILE",
+                     help="ITK transform file (.tfm/.txt/.mat/.h5) mapping fixed-space points to moving-space points, "
+                     "applied before the affine stage, e.g. from another tool when the images' headers disagree "
+                     "(default: none); the written displacement field includes it")
     _add_io_options(reg)
 
     demo = commands.add_parser("demo", help="register the bundled pair of 2D brain slices (ANTs r64 onto r16)")
@@ -99,7 +103,7 @@ def _run_registration(fixed, moving, args: argparse.Namespace) -> int:
     if args.output.exists() and not args.output.is_dir():
         raise DipregError(f"{args.output}: output exists and is not a directory")
     result = register(fixed, moving, args.preset, channel=args.channel, progress=not args.quiet,
-                      **registration_options(args))
+                      initial_transform=getattr(args, "initial_transform", None), **registration_options(args))
     result.save(args.output)
     if not args.quiet:
         print(json.dumps({k: result.metrics[k] for k in SUMMARY_KEYS}, indent=2))

@@ -213,14 +213,15 @@ def resample_to_reference(
     return sitk.Resample(image, reference, transform, interpolator, default_value, image.GetPixelID())
 
 
-def resample_to_fixed(moving: sitk.Image, fixed: sitk.Image) -> sitk.Image:
-    """The moving image on the fixed grid (identity in physical space) for optimisation and display.
+def resample_to_fixed(moving: sitk.Image, fixed: sitk.Image, transform: sitk.Transform | None = None) -> sitk.Image:
+    """The moving image on the fixed grid for optimisation and display, through ``transform``
+    (fixed-space points to moving-space points; the identity in physical space if None).
 
     Outside the moving image's field of view it is padded with its minimum (its background),
     not with 0, which for CT-like intensities would be brighter than the anatomy.
     """
     background = float(sitk.GetArrayViewFromImage(moving).min())
-    return resample_to_reference(moving, fixed, default_value=background)
+    return resample_to_reference(moving, fixed, transform, default_value=background)
 
 
 def intensity_range(image: sitk.Image) -> tuple[float, float]:

@@ -17,6 +17,7 @@ import torch
 
 from dipreg import __version__
 from dipreg.engine import ProgressCallback, make_config, optimise
+from dipreg.errors import DipregError
 from dipreg.images import (
     ImageLike,
     as_image,
@@ -32,9 +33,11 @@ from dipreg.memory import check_memory
 from dipreg.metrics import image_metrics, jacobian_statistics
 from dipreg.transforms import (
     Grid,
+    compose_after,
     displacement_image,
     displacement_transform,
     jacobian_determinant,
+    read_transform,
     voxel_displacement_from_image,
 )
 
@@ -168,6 +171,7 @@ def register(
     fixed_channel: int | None = None,
     moving_channel: int | None = None,
     spacing: tuple[float, ...] | None = None,
+    initial_transform: sitk.Transform | str | os.PathLike | None = None,
     progress: bool = False,
     callback: ProgressCallback | None = None,
     **options: Any,
@@ -182,6 +186,9 @@ def register(
         channel: channel to use from multi-channel images; ``fixed_channel`` and
             ``moving_channel`` override it per image.
         spacing: voxel spacing ``(x, y[, z])`` for numpy inputs (default 1 mm).
+        initial_transform: a SimpleITK transform or an ITK transform file mapping fixed-space
+            points to moving-space points (like ANTs' initial moving transform), applied before
+            the affine stage; the returned displacement includes it.
         progress: show a progress bar.
         callback: called as ``callback(iteration, loss)`` after each iteration.
         **options: any field of :class:`dipreg.engine.RegistrationConfig`.
@@ -194,7 +201,12 @@ def register(
     """
     config = make_config(preset, **options)
     fixed_image, moving_image = load_pair(fixed, moving, channel, fixed_channel, moving_channel, spacing)
-    moving_on_fixed = moving_image if same_grid(fixed_image, moving_image) else resample_to_fixed(moving_image, fixed_image)
+    initial = (read_transform(initial_transform, fixed_image.GetDimension())
+               if isinstance(initial_transform, (str, os.PathLike)) else initial_transform)
+    if initial is not None and initial.GetDimension() != fixed_image.GetDimension():
+        raise DipregError(f"initial transform is {initial.GetDimension()}D for {fixed_image.GetDimension()}D images")
+    moving_on_fixed = (moving_image if initial is None and same_grid(fixed_image, moving_image)
+                       else resample_to_fixed(moving_image, fixed_image, initial))
     grid = Grid.from_image(fixed_image)
     check_memory(grid.shape, config)
 
@@ -217,4 +229,8 @@ def register(
         "device": outcome.device,
         "options": dataclasses.asdict(config),
     }
-    return result_from_displacement(fixed_image, moving_image, displacement_image(world, grid), info, outcome.loss_history)
+    field = displacement_image(world, grid)
+    if initial is not None:
+        field = compose_after(initial, field)
+        info["initial_transform"] = str(initial_transform) if isinstance(initial_transform, (str, os.PathLike)) else "given"
+    return result_from_displacement(fixed_image, moving_image, field, info, outcome.loss_history)

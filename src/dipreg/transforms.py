@@ -15,12 +15,16 @@ Conventions:
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
+
+from dipreg.errors import DipregError
 
 
 @dataclass(frozen=True)
@@ -162,6 +166,28 @@ def displacement_image(world_field: np.ndarray, grid: Grid) -> sitk.Image:
 def displacement_transform(field: sitk.Image) -> sitk.DisplacementFieldTransform:
     """An ITK transform that applies a displacement field image (the image is not modified)."""
     return sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
+
+
+def read_transform(path: str | os.PathLike, ndim: int) -> sitk.Transform:
+    """Read an ITK transform file (.tfm, .txt, .mat, .h5) of ``ndim`` dimensions, with clear errors."""
+    if not Path(path).exists():
+        raise DipregError(f"{path}: transform file not found")
+    try:
+        transform = sitk.ReadTransform(str(path))
+    except RuntimeError:
+        raise DipregError(f"{path}: cannot read an ITK transform from this file") from None
+    if transform.GetDimension() != ndim:
+        raise DipregError(f"{path}: {transform.GetDimension()}D transform for {ndim}D images")
+    return transform
+
+
+def compose_after(transform: sitk.Transform, field: sitk.Image) -> sitk.Image:
+    """Displacement field of ``p -> transform(p + field(p))`` on ``field``'s grid (mm)."""
+    composite = sitk.CompositeTransform(field.GetDimension())
+    composite.AddTransform(transform)
+    composite.AddTransform(displacement_transform(field))  # the last added is applied first
+    return sitk.TransformToDisplacementField(composite, sitk.sitkVectorFloat64, field.GetSize(), field.GetOrigin(),
+                                             field.GetSpacing(), field.GetDirection())
 
 
 def voxel_displacement_from_image(field: sitk.Image) -> np.ndarray:
