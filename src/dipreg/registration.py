@@ -201,8 +201,7 @@ def register(
     """
     config = make_config(preset, **options)
     fixed_image, moving_image = load_pair(fixed, moving, channel, fixed_channel, moving_channel, spacing)
-    initial = (read_transform(initial_transform, fixed_image.GetDimension())
-               if isinstance(initial_transform, (str, os.PathLike)) else initial_transform)
+    initial = read_transform(initial_transform) if isinstance(initial_transform, (str, os.PathLike)) else initial_transform
     if initial is not None and initial.GetDimension() != fixed_image.GetDimension():
         raise DipregError(f"initial transform is {initial.GetDimension()}D for {fixed_image.GetDimension()}D images")
     moving_on_fixed = (moving_image if initial is None and same_grid(fixed_image, moving_image)

@@ -168,17 +168,14 @@ def displacement_transform(field: sitk.Image) -> sitk.DisplacementFieldTransform
     return sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
 
 
-def read_transform(path: str | os.PathLike, ndim: int) -> sitk.Transform:
-    """Read an ITK transform file (.tfm, .txt, .mat, .h5) of ``ndim`` dimensions, with clear errors."""
+def read_transform(path: str | os.PathLike) -> sitk.Transform:
+    """Read an ITK transform file (.tfm, .txt, .mat, .h5), with clear errors."""
     if not Path(path).exists():
         raise DipregError(f"{path}: transform file not found")
     try:
-        transform = sitk.ReadTransform(str(path))
+        return sitk.ReadTransform(str(path))
     except RuntimeError:
         raise DipregError(f"{path}: cannot read an ITK transform from this file") from None
-    if transform.GetDimension() != ndim:
-        raise DipregError(f"{path}: {transform.GetDimension()}D transform for {ndim}D images")
-    return transform
 
 
 def compose_after(transform: sitk.Transform, field: sitk.Image) -> sitk.Image:
