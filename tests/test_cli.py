@@ -380,3 +380,12 @@ def test_register_names_a_missing_initial_transform_file(brain_slice: sitk.Image
                             tmp_path / "missing.tfm", *FAST], capsys)
     assert code == 1
     assert "missing.tfm: transform file not found" in err
+
+
+def test_register_names_an_unreadable_initial_transform_file(brain_slice: sitk.Image, tmp_path: Path, capsys) -> None:
+    image = write(brain_slice, tmp_path / "f.nii.gz")
+    (tmp_path / "bad.tfm").write_text("not a transform\n")
+    code, _, err = run_cli(["register", image, image, "-o", tmp_path / "out", "--initial-transform",
+                            tmp_path / "bad.tfm", *FAST], capsys)
+    assert code == 1
+    assert "bad.tfm: cannot read an ITK transform" in err
