@@ -19,6 +19,8 @@ Data sets (read from ../shared/data):
   knownwarp2d  the six ANTs slices each warped by a known smooth random field (max 8 mm,
                smoothness 16 mm): EPE in mm over the brain against the numerically inverted field.
                The pairs are generated under the work folder.
+  knownwarp3d  the same for three whole volumes (OASIS A and B, vxm3d; max 8 mm, smoothness
+               16 mm): EPE in mm. Slow on a CPU (minutes per pair and method).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from dipreg.synthetic import known_warp_pair
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
 DATA = ROOT.parent / "shared" / "data"
-DATASETS = ("lgg2d", "lgg2d-intra", "oasis3d", "knownwarp2d")
+DATASETS = ("lgg2d", "lgg2d-intra", "oasis3d", "knownwarp2d", "knownwarp3d")
 #: Fast methods first; ``dipreg compare`` uses the order of METHODS (dip is the reference).
 METHODS = ("dip", "classic", "itk", "ants", "identity")
 RUN_ORDER = ("identity", "itk", "ants", "classic", "dip")
@@ -91,6 +93,20 @@ def knownwarp2d_csv(workdir: Path) -> Path:
     return _write_csv(folder / "pairs.csv", ["id", "fixed", "moving", "fixed_mask", "true_displacement"], rows)
 
 
+def knownwarp3d_csv(workdir: Path) -> Path:
+    """Known-warp pairs from whole volumes (OASIS A and B, vxm3d), under ``workdir/knownwarp3d/data``."""
+    folder = workdir / "knownwarp3d" / "data"
+    volumes = [DATA / "oasis3d" / "image_A_160x192x144.nii.gz", DATA / "oasis3d" / "image_B_160x192x144.nii.gz",
+               DATA / "vxm3d" / "test_scan_vol.nii.gz"]
+    rows = []
+    for seed, source in enumerate(volumes):
+        name = f"{source.parent.name}-{source.name.split('.')[0]}"
+        pair = known_warp_pair(read_image(source), seed=seed, **KNOWN_WARP)
+        paths = pair.save(folder / name)
+        rows.append([name] + [_relative(paths[key], folder) for key in ("fixed", "moving", "mask", "true_displacement")])
+    return _write_csv(folder / "pairs.csv", ["id", "fixed", "moving", "fixed_mask", "true_displacement"], rows)
+
+
 def dataset_csv(name: str, workdir: Path) -> tuple[Path, list[str]]:
     """The PAIRS.csv of a data set and the extra evaluate arguments it needs."""
     if name == "lgg2d":
@@ -99,6 +115,8 @@ def dataset_csv(name: str, workdir: Path) -> tuple[Path, list[str]]:
         return lgg2d_intra_csv(), []
     if name == "oasis3d":
         return oasis3d_csv(), []
+    if name == "knownwarp3d":
+        return knownwarp3d_csv(workdir), []
     return knownwarp2d_csv(workdir), []
 
 
