@@ -9,7 +9,7 @@ import pytest
 
 import dipreg
 from dipreg.engine import make_config
-from dipreg.memory import available_memory, check_memory, estimate_peak_memory
+from dipreg.memory import available_memory, check_memory, estimate_peak_memory, peak_memory_upper_bound
 
 
 @pytest.mark.parametrize("preset", ["default", "paper", "classic"])
@@ -40,6 +40,33 @@ def test_absurd_volume_is_refused_by_default_available_memory() -> None:
     assert available_memory() > 0
     with pytest.raises(dipreg.DipregError, match="GB of memory"):
         check_memory((4000, 4000, 4000), make_config())
+
+
+@pytest.mark.parametrize("preset, options", [
+    ("default", {}), ("default", {"channels": 128}), ("default", {"input_channels": 64, "channels": 8}),
+    ("default", {"levels": 8, "skip_channels": 16, "integration_steps": 12}), ("default", {"max_loss_voxels": 0}),
+    ("paper", {}), ("classic", {}),
+])
+def test_quick_bound_is_above_the_traced_estimate(preset: str, options: dict) -> None:
+    config = make_config(preset, **options)
+    for shape in [(12, 12), (64, 64), (1000, 700), (16, 16, 16), (48, 64, 53), (160, 192, 144)]:
+        estimate = estimate_peak_memory(shape, config)
+        assert estimate <= peak_memory_upper_bound(shape, config) < 8 * estimate, (shape, options)
+
+
+def test_check_skips_the_trace_when_the_bound_fits(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("dipreg.memory.estimate_peak_memory", lambda *args: pytest.fail("traced"))
+    check_memory((256, 256), make_config(), available=64 * 10**9)
+
+
+def test_check_traces_when_only_the_bound_exceeds_the_memory() -> None:
+    """Between the estimate and the bound, the traced estimate decides: no refusal."""
+    shape, config = (160, 192, 144), make_config()
+    estimate, bound = estimate_peak_memory(shape, config), peak_memory_upper_bound(shape, config)
+    assert estimate < bound
+    check_memory(shape, config, available=(estimate + bound) // 2)
+    with pytest.raises(dipreg.DipregError, match="GB of memory"):
+        check_memory(shape, config, available=estimate - 1)
 
 
 def test_available_memory_without_psutil(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -42,14 +42,18 @@ def box_mean(x: torch.Tensor, window: int) -> torch.Tensor:
     before, after = (window - 1) // 2, window // 2
     for axis in range(2, 2 + ndim):
         n = x.shape[axis]
-        # prefix[k] = sum of the first k voxels along the axis.
-        prefix = torch.cat([torch.zeros_like(x.narrow(axis, 0, 1)), torch.cumsum(x, dim=axis)], dim=axis)
+        # Prefix sums padded so that both ends of every box are shifted views: padded[before + k]
+        # is the sum of the first clamp(k, 0, n) voxels, for k = -before .. n + after.
+        cumulative = torch.cumsum(x, dim=axis)
+        head = [before + 1 if d == axis else size for d, size in enumerate(x.shape)]
+        tail = [after if d == axis else -1 for d in range(x.dim())]
+        padded = torch.cat([x.new_zeros(head), cumulative, cumulative.narrow(axis, n - 1, 1).expand(tail)], dim=axis)
         index = torch.arange(n, device=x.device)
-        upper, lower = (index + after + 1).clamp_max(n), (index - before).clamp_min(0)
+        count = (index + after + 1).clamp_max(n) - (index - before).clamp_min(0)
         count_shape = [1] * x.dim()
         count_shape[axis] = n
-        inverse_count = (1.0 / (upper - lower).to(x.dtype)).reshape(count_shape)
-        x = (prefix.index_select(axis, upper) - prefix.index_select(axis, lower)) * inverse_count
+        inverse_count = (1.0 / count.to(x.dtype)).reshape(count_shape)
+        x = (padded.narrow(axis, before + after + 1, n) - padded.narrow(axis, 0, n)) * inverse_count
     return x
 
 

@@ -88,6 +88,15 @@ def optimisation_bytes(shape: tuple[int, ...], config: RegistrationConfig) -> in
     return int(AUTOGRAD_FACTOR * _saved_bytes(step)) + 16 * parameters + 2 * buffers
 
 
+def _peak_bytes(shape: tuple[int, ...], optimisation: int) -> int:
+    ndim = len(shape)
+    if ndim not in OUTPUT_BYTES_PER_VOXEL:
+        raise DipregError(f"memory estimate: {ndim}D images are not supported (2D or 3D only)")
+    voxels = math.prod(shape)
+    working = max(optimisation, OUTPUT_BYTES_PER_VOXEL[ndim] * voxels)
+    return BASE_BYTES + INPUT_BYTES_PER_VOXEL * voxels + TORCH_RUNTIME_BYTES + working
+
+
 def estimate_peak_memory(shape: tuple[int, ...], config: RegistrationConfig) -> int:
     """Estimated peak resident memory (bytes) of registering images of ``shape`` with ``config``.
 
@@ -95,12 +104,36 @@ def estimate_peak_memory(shape: tuple[int, ...], config: RegistrationConfig) -> 
         shape: image array shape, ``(y, x)`` or ``(z, y, x)``.
         config: the registration options.
     """
+    return _peak_bytes(tuple(shape), optimisation_bytes(tuple(shape), config))
+
+
+#: Upper bounds used by :func:`peak_memory_upper_bound` (the traced counts stay below them):
+#: bytes saved per field-grid voxel and network channel (traced: at most 240 on grids of 16²
+#: or more) plus a constant for tiny grids, per loss-level or field-integration voxel
+#: (traced: at most 80), and convolutions per network level.
+NETWORK_BYTES_BOUND = 300
+NETWORK_BYTES_SLACK = 16 * _MB
+FIELD_BYTES_BOUND = 100
+CONVOLUTIONS_PER_LEVEL = 4
+
+
+def peak_memory_upper_bound(shape: tuple[int, ...], config: RegistrationConfig) -> int:
+    """A quick upper bound of :func:`estimate_peak_memory` from per-voxel bounds, no tracing.
+
+    The traced estimate pays about a second of one-off set-up; when even this bound fits in
+    the available memory, :func:`check_memory` does not need it.
+    """
     ndim = len(shape)
-    if ndim not in OUTPUT_BYTES_PER_VOXEL:
-        raise DipregError(f"memory estimate: {ndim}D images are not supported (2D or 3D only)")
-    voxels = math.prod(shape)
-    working = max(optimisation_bytes(tuple(shape), config), OUTPUT_BYTES_PER_VOXEL[ndim] * voxels)
-    return BASE_BYTES + INPUT_BYTES_PER_VOXEL * voxels + TORCH_RUNTIME_BYTES + working
+    field_voxels = math.prod(field_grid_shape(tuple(shape), config.field_resolution))
+    level_voxels = math.prod(pyramid_shapes(tuple(shape), config.pyramid_levels, max_voxels=config.max_loss_voxels)[-1])
+    saved = FIELD_BYTES_BOUND * (level_voxels + field_voxels * (config.integration_steps + 1))
+    parameters = ndim * field_voxels
+    if config.method == "dip":
+        width = max(config.channels, config.input_channels) + config.skip_channels
+        saved += NETWORK_BYTES_BOUND * field_voxels * width + NETWORK_BYTES_SLACK
+        parameters = config.levels * CONVOLUTIONS_PER_LEVEL * 3**ndim * width * width + 3 * width
+    optimisation = int(AUTOGRAD_FACTOR * saved) + 16 * parameters + 8 * config.input_channels * field_voxels
+    return _peak_bytes(tuple(shape), optimisation)
 
 
 def available_memory() -> int | None:
@@ -126,25 +159,26 @@ def available_memory() -> int | None:
     return None
 
 
-def check_memory(shape: tuple[int, ...], config: RegistrationConfig, available: int | None = None) -> int:
+def check_memory(shape: tuple[int, ...], config: RegistrationConfig, available: int | None = None) -> None:
     """Refuse a registration whose estimated peak memory exceeds the available memory.
+
+    A quick upper bound is tried first; only when it exceeds the available memory is the
+    traced estimate computed, and that decides.
 
     Args:
         shape: image array shape.
         config: the registration options.
         available: bytes available (default: :func:`available_memory`; no check where unknown).
 
-    Returns:
-        The estimate in bytes.
-
     Raises:
         DipregError: naming the estimate and the available memory, before any work starts.
     """
-    estimate = estimate_peak_memory(shape, config)
     available = available_memory() if available is None else available
-    if available is not None and estimate > available:
+    if available is None or peak_memory_upper_bound(shape, config) <= available:
+        return
+    estimate = estimate_peak_memory(shape, config)
+    if estimate > available:
         raise DipregError(
             f"registering a {'x'.join(map(str, shape))} image with these options needs about "
             f"{estimate / 1e9:.1f} GB of memory, but only {available / 1e9:.1f} GB is available; "
             "lower --field-resolution, --channels or --max-loss-voxels, or downsample the images")
-    return estimate
