@@ -53,13 +53,13 @@ def test_paths_are_relative_to_the_csv_and_optional_columns_may_be_missing(datas
 def test_all_columns_are_parsed(dataset):
     root, _ = dataset
     header = ["id", "fixed", "moving", "fixed_labels", "moving_labels", "fixed_mask", "moving_mask",
-              "fixed_channel", "moving_channel", "true_displacement"]
+              "fixed_channel", "moving_channel", "true_displacement", "initial_transform"]
     row = ["known", "../images/fixed.nii.gz", "../images/moving.nii.gz", "../images/labels.nii.gz",
            "../images/labels.nii.gz", "../images/mask.nii.gz", "../images/mask.nii.gz", "0", "0",
-           "../images/true_displacement.nii.gz"]
+           "../images/true_displacement.nii.gz", "../images/true_displacement.nii.gz"]
     (spec,) = read_pairs(_write_csv(root / "csv" / "full.csv", header, [row]))
     assert spec.id == "known" and spec.fixed_channel == 0 and spec.moving_labels.name == "labels.nii.gz"
-    assert spec.true_displacement.name == "true_displacement.nii.gz"
+    assert spec.true_displacement.name == "true_displacement.nii.gz" == spec.initial_transform.name
 
 
 @pytest.mark.parametrize("header, rows, message", [
@@ -119,6 +119,37 @@ def test_evaluate_identity_scores_labels_masks_and_known_warp(dataset, tmp_path,
     assert summary["table"] in capsys.readouterr().out
     assert f"SSIM             {known['ssim']:.3f} ± 0.000" in summary["table"]
     assert "Dice label 2" in summary["table"] and "EPE mm" in summary["table"]
+
+
+def test_every_method_starts_from_the_pairs_initial_transform(dataset, tmp_path, monkeypatch):
+    """A baseline registers the moving image resampled through the initial transform, and the
+    written field includes it; dip and classic get it passed to register()."""
+    root, paths = dataset
+    fixed = sitk.ReadImage(str(paths["fixed"]))
+    shift = (3.0, -2.0)
+    moving = sitk.Resample(fixed, fixed, sitk.TranslationTransform(2, [-s for s in shift]), sitk.sitkLinear, 0.0)
+    write_image(moving, root / "images" / "shifted.nii.gz")
+    sitk.WriteTransform(sitk.TranslationTransform(2, shift), str(root / "images" / "shift.tfm"))
+    pairs_csv = _write_csv(root / "csv" / "initial.csv", ["id", "fixed", "moving", "initial_transform"], [
+        ["with", "../images/fixed.nii.gz", "../images/shifted.nii.gz", "../images/shift.tfm"],
+        ["without", "../images/fixed.nii.gz", "../images/shifted.nii.gz", ""],
+    ])
+    evaluate(pairs_csv, tmp_path / "identity", method="identity")
+    rows = {row["id"]: row for row in read_results(tmp_path / "identity")}
+    assert rows["with"]["initial_transform"].endswith("shift.tfm") and "initial_transform" not in rows["without"]
+    field = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "identity" / "pairs" / "with" / "displacement.nii.gz")))
+    assert np.allclose(field, shift)
+    assert rows["with"]["ssim"] > 0.9 and rows["with"]["ssim"] > rows["without"]["ssim"] + 0.05
+
+    seen = []
+
+    def register_stub(*args, initial_transform=None, **kwargs):
+        seen.append(initial_transform)
+        raise DipregError("stub: not registering")
+
+    monkeypatch.setattr("dipreg.baselines.register", register_stub)
+    evaluate(pairs_csv, tmp_path / "dip", method="dip")
+    assert [str(t).endswith("shift.tfm") if t else t for t in seen] == [True, None]
 
 
 def test_label_maps_on_another_grid_are_resampled_in_physical_space(dataset, tmp_path):

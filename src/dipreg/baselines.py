@@ -20,9 +20,16 @@ import SimpleITK as sitk
 
 from dipreg.engine import make_config
 from dipreg.errors import DipregError
-from dipreg.images import intensity_range, write_image
-from dipreg.registration import RegistrationResult, register, result_from_displacement
-from dipreg.transforms import Grid, displacement_image
+from dipreg.images import intensity_range, resample_to_fixed, write_image
+from dipreg.registration import (
+    InitialTransform,
+    RegistrationResult,
+    describe_initial_transform,
+    load_initial_transform,
+    register,
+    result_from_displacement,
+)
+from dipreg.transforms import Grid, compose_after, displacement_image
 
 #: Methods known to :func:`run_method`.
 METHODS = ("dip", "classic", "itk", "ants", "identity")
@@ -218,7 +225,7 @@ def check_method(method: str, preset: str | None, options: dict[str, Any]) -> No
 
 
 def run_method(method: str, fixed: sitk.Image, moving: sitk.Image, preset: str | None = None,
-               **options: Any) -> RegistrationResult:
+               initial_transform: InitialTransform = None, **options: Any) -> RegistrationResult:
     """Register with one of :data:`METHODS`, timing the call and measuring its peak memory.
 
     Args:
@@ -227,6 +234,9 @@ def run_method(method: str, fixed: sitk.Image, moving: sitk.Image, preset: str |
         fixed: fixed image.
         moving: moving image.
         preset: preset of ``dip`` / ``classic`` (default: ``default`` / ``classic``).
+        initial_transform: transform or ITK transform file (fixed-space points to moving-space
+            points) every method starts from: ``register`` applies it itself; a baseline
+            registers the moving image resampled through it. The result's field includes it.
         **options: registration options of ``dip`` and ``classic``.
 
     Returns:
@@ -235,23 +245,37 @@ def run_method(method: str, fixed: sitk.Image, moving: sitk.Image, preset: str |
         and ``classic`` the optimiser's own time is kept as ``optimisation_seconds``.
 
     Raises:
-        DipregError: for an unknown method, or options given to a baseline.
+        DipregError: for an unknown method, options given to a baseline, or an unusable
+            initial transform.
     """
     check_method(method, preset, options)
     measurement = _reset_peak_memory()
     start = time.perf_counter()
     if method in DEFAULT_PRESETS:
-        result = register(fixed, moving, preset or DEFAULT_PRESETS[method], **{**options, "method": method})
+        result = register(fixed, moving, preset or DEFAULT_PRESETS[method], initial_transform=initial_transform,
+                          **{**options, "method": method})
         result.metrics["optimisation_seconds"] = result.metrics["seconds"]
-    elif method in ("itk", "ants"):
-        try:
-            result = itk_registration(fixed, moving) if method == "itk" else ants_registration(fixed, moving)
-        except RuntimeError as exc:
-            lines = str(exc).strip().splitlines() or ["unknown error"]
-            raise DipregError(f"{method} registration failed: {lines[-1].strip()}") from None
     else:
-        result = identity_registration(fixed, moving)
+        initial = load_initial_transform(initial_transform, fixed.GetDimension())
+        start_moving = moving if initial is None else resample_to_fixed(moving, fixed, initial)
+        result = _run_baseline(method, fixed, start_moving)
+        if initial is not None:
+            composed = result_from_displacement(fixed, moving, compose_after(initial, result.displacement), {})
+            # The run information of the baseline stays; the scores are those of the composed field.
+            composed.metrics = {**result.metrics, **composed.metrics,
+                                "initial_transform": describe_initial_transform(initial_transform)}
+            result = composed
     result.metrics["seconds"] = time.perf_counter() - start
     result.metrics["peak_memory_mb"] = _peak_memory_mb(measurement)
     result.metrics["peak_memory_definition"] = PEAK_MEMORY_DEFINITIONS[measurement]
     return result
+
+
+def _run_baseline(method: str, fixed: sitk.Image, moving: sitk.Image) -> RegistrationResult:
+    if method == "identity":
+        return identity_registration(fixed, moving)
+    try:
+        return itk_registration(fixed, moving) if method == "itk" else ants_registration(fixed, moving)
+    except RuntimeError as exc:
+        lines = str(exc).strip().splitlines() or ["unknown error"]
+        raise DipregError(f"{method} registration failed: {lines[-1].strip()}") from None

@@ -9,6 +9,9 @@ PAIRS.csv columns (paths relative to the CSV file):
   the endpoint error is averaged over ``fixed_mask``, and with both masks the warped
   moving mask's Dice with the fixed mask is reported as ``mask_dice``.
 * ``fixed_channel``, ``moving_channel``: channel per image, overriding ``--channel``.
+* ``initial_transform``: an ITK transform file (fixed-space points to moving-space points)
+  every method starts from, e.g. to bring together images whose headers disagree; the
+  written field and the scores include it.
 * ``true_displacement``: the known answer of a synthetic pair (see :mod:`dipreg.synthetic`);
   its endpoint error in mm is reported as ``epe_mm``.
 * ``id``: name of the pair's output folder (default ``pairNNN`` from the row number).
@@ -42,6 +45,9 @@ from dipreg.synthetic import displacement_endpoint_error
 #: Per-pair columns of results.csv before the Dice columns.
 METRIC_COLUMNS = ("ssim", "ncc", "mse", "jacobian_mean", "jacobian_std", "jacobian_min", "folding_percent", "sdlogj")
 
+#: Columns of results.csv that describe a pair rather than score it.
+TEXT_COLUMNS = ("id", "fixed", "moving", "initial_transform", "method", "error", "notes")
+
 #: How each summarised metric is printed: label and decimals (paper format ``0.913 ± 0.051``).
 DISPLAY = {
     "ssim": ("SSIM", 3), "ncc": ("NCC", 3), "mse": ("MSE", 4),
@@ -74,9 +80,11 @@ class PairSpec:
     fixed_channel: int | None = None
     moving_channel: int | None = None
     true_displacement: Path | None = None
+    initial_transform: Path | None = None
 
 
-PATH_COLUMNS = ("fixed", "moving", "fixed_labels", "moving_labels", "fixed_mask", "moving_mask", "true_displacement")
+PATH_COLUMNS = ("fixed", "moving", "fixed_labels", "moving_labels", "fixed_mask", "moving_mask", "true_displacement",
+                "initial_transform")
 _CHANNEL_COLUMNS = ("fixed_channel", "moving_channel")
 COLUMNS = tuple(f.name for f in fields(PairSpec) if f.name != "row")
 
@@ -207,10 +215,12 @@ def evaluate_pair(spec: PairSpec, outdir: Path, method: str, preset: str | None 
         registration, ...) gives a row whose ``error`` says why, instead of an exception.
     """
     row: dict[str, Any] = {"id": spec.id, "fixed": str(spec.fixed), "moving": str(spec.moving), "method": method}
+    if spec.initial_transform:
+        row["initial_transform"] = str(spec.initial_transform)
     notes: list[str] = []
     try:
         fixed, moving = load_pair(spec.fixed, spec.moving, channel, spec.fixed_channel, spec.moving_channel)
-        result = run_method(method, fixed, moving, preset, **(options or {}))
+        result = run_method(method, fixed, moving, preset, initial_transform=spec.initial_transform, **(options or {}))
         scores, warped_labels = score_pair(spec, result, notes)
         result.metrics.update(scores)
         pair_dir = result.save(outdir / "pairs" / spec.id)
@@ -232,8 +242,8 @@ def _result_columns(rows: list[dict[str, Any]]) -> list[str]:
     present = {key for row in rows for key in row}
     labels = sorted((key for key in present if key.startswith("dice_") and key[5:].lstrip("-").isdigit()),
                     key=lambda key: int(key[5:]))
-    order = ["id", "fixed", "moving", "method", *METRIC_COLUMNS, *labels, "dice_mean", "mask_dice", "epe_mm",
-             "seconds", "peak_memory_mb", "error", "notes"]
+    order = [*TEXT_COLUMNS[:5], *METRIC_COLUMNS, *labels, "dice_mean", "mask_dice", "epe_mm",
+             "seconds", "peak_memory_mb", *TEXT_COLUMNS[5:]]
     return [key for key in order if key in present]
 
 
@@ -263,7 +273,7 @@ def _statistics(values: list[float]) -> dict[str, float]:
 def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     """Mean, std (ddof=1), median, min, max and count of every numeric column over the pairs."""
     done = [row for row in rows if "error" not in row]
-    keys = [key for key in _result_columns(done) if key not in ("id", "fixed", "moving", "method", "notes", "error")]
+    keys = [key for key in _result_columns(done) if key not in TEXT_COLUMNS]
     return {key: _statistics([float(row[key]) for row in done if key in row]) for key in keys}
 
 
@@ -431,7 +441,8 @@ def add_evaluation_commands(subparsers: argparse._SubParsersAction) -> None:
         "evaluate", conflict_handler="resolve",
         help="run one method on every pair of a PAIRS.csv; write per-pair outputs, results.csv, summary.json",
         description="Run METHOD on every pair of PAIRS.csv (columns fixed,moving; optional fixed_labels,moving_labels, "
-        "fixed_mask,moving_mask, fixed_channel,moving_channel, true_displacement, id; paths relative to the CSV). "
+        "fixed_mask,moving_mask, fixed_channel,moving_channel, true_displacement, initial_transform, id; paths "
+        "relative to the CSV). "
         "Writes OUTPUT/pairs/<id>/ (the files of dipreg register), OUTPUT/results.csv and OUTPUT/summary.json, "
         "and prints mean ± std per metric. --preset defaults to the method's own (default for dip, classic "
         "for classic); registration options apply to dip and classic only.")

@@ -162,6 +162,23 @@ def load_pair(
     return fixed_image, moving_image
 
 
+InitialTransform = sitk.Transform | str | os.PathLike | None
+
+
+def load_initial_transform(initial_transform: InitialTransform, dimension: int) -> sitk.Transform | None:
+    """An initial transform given as a transform object or an ITK transform file, checked
+    against the images' dimension (None stays None)."""
+    initial = read_transform(initial_transform) if isinstance(initial_transform, (str, os.PathLike)) else initial_transform
+    if initial is not None and initial.GetDimension() != dimension:
+        raise DipregError(f"initial transform is {initial.GetDimension()}D for {dimension}D images")
+    return initial
+
+
+def describe_initial_transform(initial_transform: InitialTransform) -> str:
+    """How the metrics name an initial transform: its file, or ``given`` for an object."""
+    return str(initial_transform) if isinstance(initial_transform, (str, os.PathLike)) else "given"
+
+
 def register(
     fixed: ImageLike,
     moving: ImageLike,
@@ -171,7 +188,7 @@ def register(
     fixed_channel: int | None = None,
     moving_channel: int | None = None,
     spacing: tuple[float, ...] | None = None,
-    initial_transform: sitk.Transform | str | os.PathLike | None = None,
+    initial_transform: InitialTransform = None,
     progress: bool = False,
     callback: ProgressCallback | None = None,
     **options: Any,
@@ -201,9 +218,7 @@ def register(
     """
     config = make_config(preset, **options)
     fixed_image, moving_image = load_pair(fixed, moving, channel, fixed_channel, moving_channel, spacing)
-    initial = read_transform(initial_transform) if isinstance(initial_transform, (str, os.PathLike)) else initial_transform
-    if initial is not None and initial.GetDimension() != fixed_image.GetDimension():
-        raise DipregError(f"initial transform is {initial.GetDimension()}D for {fixed_image.GetDimension()}D images")
+    initial = load_initial_transform(initial_transform, fixed_image.GetDimension())
     moving_on_fixed = (moving_image if initial is None and same_grid(fixed_image, moving_image)
                        else resample_to_fixed(moving_image, fixed_image, initial))
     grid = Grid.from_image(fixed_image)
@@ -231,5 +246,5 @@ def register(
     field = displacement_image(world, grid)
     if initial is not None:
         field = compose_after(initial, field)
-        info["initial_transform"] = str(initial_transform) if isinstance(initial_transform, (str, os.PathLike)) else "given"
+        info["initial_transform"] = describe_initial_transform(initial_transform)
     return result_from_displacement(fixed_image, moving_image, field, info, outcome.loss_history)
