@@ -216,6 +216,8 @@ def write_report() -> None:
         "registrations sharing the GPU at once: their accuracy columns compare with the CPU rows, their",
         "seconds compare with nothing (neither with the CPU rows nor as a GPU speed measurement). Their",
         "Δ column is against `default (H100)` on the same pairs; untagged rows ran on the 2-core CPU.",
+        "Rows tagged **(CPU s3)** ran on the 2-core CPU with the code of a later session (batched Adam,",
+        "box sums from views: the same arithmetic up to rounding); their Δ is against `default (CPU s3)`.",
         "",
     ]
     for path in sorted(RESULTS.glob("ablation-*.json")):

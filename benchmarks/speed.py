@@ -1,4 +1,4 @@
-"""Speed benchmark: ``dipreg register`` (default and paper presets) against ANTsPy SyN.
+"""Speed benchmark: ``dipreg register`` (default, fast and paper presets) against ANTsPy SyN.
 
 Both tools register the SAME pairs in ONE invocation, alternating (the method order rotates
 with each repetition), each run a whole process started from scratch:
@@ -63,7 +63,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 ANTS_SCRIPT = ROOT / "benchmarks" / "ants_syn.py"
 
 #: Methods in their base order; the order rotates with each repetition.
-METHODS = ("dipreg default", "dipreg paper", "ants SyN")
+METHODS = ("dipreg default", "dipreg fast", "dipreg paper", "ants SyN")
 #: The reference of the ratios.
 BASELINE = "ants SyN"
 ACCURACY = ("ssim", "folding_percent", "sdlogj", "jacobian_min", "dice_mean")
@@ -239,6 +239,7 @@ def main() -> None:
     parser.add_argument("--pairs", nargs="+", choices=list(pairs), default=list(pairs), help="pairs to run (default: all)")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each method per pair (default: %(default)s)")
     parser.add_argument("--skip-paper", action="store_true", help="leave out the (slow) paper preset")
+    parser.add_argument("--skip-fast", action="store_true", help="leave out the fast preset")
     parser.add_argument("--skip-ants", action="store_true",
                         help="leave out ANTs SyN (where antspyx is not installed, e.g. a GPU machine): no ratios")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
@@ -249,7 +250,8 @@ def main() -> None:
                         help="JSON file to write (default: %(default)s)")
     args = parser.parse_args()
     methods = [m for m in METHODS
-               if not (args.skip_paper and m == "dipreg paper") and not (args.skip_ants and m == BASELINE)]
+               if not (args.skip_paper and m == "dipreg paper") and not (args.skip_fast and m == "dipreg fast")
+               and not (args.skip_ants and m == BASELINE)]
     started = datetime.datetime.now().isoformat(timespec="seconds")
     load_before = os.getloadavg()
     results = {}
