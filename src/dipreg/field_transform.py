@@ -143,7 +143,7 @@ class FieldTransform:
         else:
             inverse, _ = invert_displacement(forward, tolerance=1e-3, strict=False)
         composed = sitk.GetArrayFromImage(compose_displacements(inverse, forward))
-        return inverse, float(np.sqrt((composed**2).sum(axis=-1)).max())
+        return inverse, float(np.percentile(np.sqrt((composed**2).sum(axis=-1)), 95))
 
     @property
     def deformable_inverse_displacement(self) -> sitk.Image | None:
@@ -151,8 +151,9 @@ class FieldTransform:
         return self._deformable_inverse_and_residual[0]
 
     @property
-    def inverse_residual_mm(self) -> float:
-        """``max |u_inv(q) + u(q + u_inv(q))|`` in mm over the deformable grid (0 without one)."""
+    def inverse_residual_p95_mm(self) -> float:
+        """95th percentile of ``|u(q) + u_inv(q + u(q))|`` in mm over the deformable part's grid
+        (0 without one); its edge, where fields are continued outside their grid, is included."""
         return self._deformable_inverse_and_residual[1]
 
     # -- composed maps ----------------------------------------------------------------------

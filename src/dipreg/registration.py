@@ -204,7 +204,7 @@ def result_from_transform(
         **image_metrics(fixed01, warped01),
         **jacobian_statistics(det),
         **transform.inverse_consistency(foreground),
-        "inverse_residual_mm": transform.inverse_residual_mm,
+        "inverse_residual_p95_mm": transform.inverse_residual_p95_mm,
         "ssim_definition": "skimage structural_similarity, images scaled to [0,1] by 0.5-99.5 percentiles, data_range=1",
         "inverse_consistency_definition": "|phi^-1(phi(p)) - p| in mm over the fixed image's foreground (Otsu)",
         **info,
