@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from dipreg.engine import PRESETS, RegistrationConfig  # noqa: E402
+from dipreg.options import PRESETS, RegistrationConfig  # noqa: E402
 from dipreg.errors import DipregError  # noqa: E402
 from dipreg.registration import RegistrationResult, register  # noqa: E402
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import SimpleITK as sitk
 
 from dipreg import __version__
-from dipreg.engine import PRESETS, RegistrationConfig
+from dipreg.options import PRESETS, RegistrationConfig
 from dipreg.errors import DipregError
 from dipreg.evaluation import EVALUATION_COMMANDS, add_evaluation_commands, run_evaluation_command
 from dipreg.images import read_image, read_labels, resample_to_reference, write_image
