@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from dipreg.engine import make_config
 from dipreg.errors import DipregError
 from dipreg.images import intensity_range, resample_to_fixed, write_image
+from dipreg.options import DEFAULT_PRESETS, METHODS, make_config
 from dipreg.registration import (
     InitialTransform,
     RegistrationResult,
@@ -30,12 +30,6 @@ from dipreg.registration import (
     result_from_displacement,
 )
 from dipreg.transforms import Grid, compose_after, displacement_image
-
-#: Methods known to :func:`run_method`.
-METHODS = ("dip", "classic", "itk", "ants", "identity")
-
-#: Preset used by ``dip`` and ``classic`` when none is given.
-DEFAULT_PRESETS = {"dip": "default", "classic": "classic"}
 
 _SHRINK_FACTORS = [4, 2, 1]
 _SMOOTHING_SIGMAS = [2.0, 1.0, 0.0]

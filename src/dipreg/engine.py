@@ -65,6 +65,10 @@ class OptimisationResult:
     seconds: float
     device: str
     stop_reason: str
+    #: ``{"stage": "affine" | "deformable <shape>", "losses": [...]}`` in order; ``loss_history`` concatenated.
+    loss_stages: list[dict]
+    #: The moving image after the affine stage on the fixed grid, scaled as given (None without it).
+    affine_warped: torch.Tensor | None
 
 
 def field_grid_shape(shape: tuple[int, ...], resolution: float) -> tuple[int, ...]:
@@ -308,8 +312,10 @@ def _optimise(fixed: torch.Tensor, moving: torch.Tensor, grid: Grid, config: Reg
 
     matrix, translation = torch.eye(ndim, device=device), torch.zeros(ndim, device=device)
     history: list[float] = []
+    loss_stages: list[dict] = []
     if config.affine:
         matrix, translation, history = align_affine(fixed, moving, config, progress)
+        loss_stages.append({"stage": "affine", "losses": list(history)})
         with torch.no_grad():
             moving = warp(moving, affine_displacement(matrix, translation, identity), identity)
 
@@ -341,8 +347,9 @@ def _optimise(fixed: torch.Tensor, moving: torch.Tensor, grid: Grid, config: Reg
         identity_level = identity if level_shape == shape else identity_grid(level_shape, device)
         stopper = _Stopper(config.patience)
         count = per_level if level < len(levels) - 1 else config.iterations - per_level * (len(levels) - 1)
-        bar = tqdm(range(count), disable=not progress, desc=f"deformable {'x'.join(map(str, level_shape))}",
-                   unit="it", leave=False)
+        stage = {"stage": f"deformable {'x'.join(map(str, level_shape))}", "losses": []}
+        loss_stages.append(stage)
+        bar = tqdm(range(count), disable=not progress, desc=stage["stage"], unit="it", leave=False)
         def loss_step(fixed_level=fixed_level, moving_level=moving_level, identity_level=identity_level,
                       level_shape=level_shape) -> torch.Tensor:
             field_mm = model()
@@ -366,6 +373,7 @@ def _optimise(fixed: torch.Tensor, moving: torch.Tensor, grid: Grid, config: Reg
                 stopped = False
                 for offset, value in enumerate(values):
                     history.append(value)
+                    stage["losses"].append(value)
                     iteration += 1
                     if callback is not None:
                         callback(iteration, value)
@@ -386,4 +394,6 @@ def _optimise(fixed: torch.Tensor, moving: torch.Tensor, grid: Grid, config: Reg
         seconds=time.perf_counter() - start,
         device=str(device),
         stop_reason=stop_reason,
+        loss_stages=loss_stages,
+        affine_warped=moving.cpu() if config.affine else None,
     )

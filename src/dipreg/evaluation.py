@@ -29,18 +29,18 @@ import os
 import statistics
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 import SimpleITK as sitk
 
 from dipreg import __version__
-from dipreg.baselines import METHODS, check_method, run_method
 from dipreg.errors import DipregError
 from dipreg.images import read_labels, resample_to_reference, same_grid, write_image
-from dipreg.metrics import dice
-from dipreg.registration import RegistrationResult, load_pair
-from dipreg.synthetic import displacement_endpoint_error
+from dipreg.options import METHODS
+
+if TYPE_CHECKING:  # modules that need PyTorch or scikit-image are imported where used: the CLI starts fast
+    from dipreg.registration import RegistrationResult
 
 #: Per-pair columns of results.csv before the Dice columns.
 METRIC_COLUMNS = ("ssim", "ncc", "mse", "jacobian_mean", "jacobian_std", "jacobian_min", "folding_percent", "sdlogj")
@@ -184,6 +184,8 @@ def score_pair(spec: PairSpec, result: RegistrationResult,
     Returns:
         The scores, and the moving labels warped onto the fixed grid (None without labels).
     """
+    from dipreg.metrics import dice
+
     scores: dict[str, Any] = {}
     warped = None
     if spec.fixed_labels and spec.moving_labels:
@@ -198,6 +200,7 @@ def score_pair(spec: PairSpec, result: RegistrationResult,
         scores["mask_dice"] = dice(sitk.GetArrayViewFromImage(fixed_mask), sitk.GetArrayViewFromImage(warped_mask), [1])[1]
     if spec.true_displacement:
         from dipreg.cli import read_displacement  # dipreg.cli imports this module
+        from dipreg.synthetic import displacement_endpoint_error
 
         truth = read_displacement(spec.true_displacement)
         if not same_grid(truth, result.fixed):
@@ -218,6 +221,9 @@ def evaluate_pair(spec: PairSpec, outdir: Path, method: str, preset: str | None 
     if spec.initial_transform:
         row["initial_transform"] = str(spec.initial_transform)
     notes: list[str] = []
+    from dipreg.baselines import run_method
+    from dipreg.registration import load_pair
+
     try:
         fixed, moving = load_pair(spec.fixed, spec.moving, channel, spec.fixed_channel, spec.moving_channel)
         result = run_method(method, fixed, moving, preset, initial_transform=spec.initial_transform, **(options or {}))
@@ -385,6 +391,8 @@ def evaluate(
     Raises:
         DipregError: for a bad PAIRS.csv, method or option (before anything runs).
     """
+    from dipreg.baselines import check_method
+
     check_method(method, preset, options)
     specs = read_pairs(pairs_csv)
     outdir = Path(outdir)
