@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from dipreg.engine import make_config
 from dipreg.errors import DipregError
 from dipreg.field_transform import FieldTransform, as_affine
 from dipreg.images import intensity_range, resample_to_fixed, write_image
+from dipreg.options import DEFAULT_PRESETS, METHODS, make_config
 from dipreg.registration import (
     InitialTransform,
     RegistrationResult,
@@ -34,12 +34,6 @@ from dipreg.registration import (
     result_from_transform,
 )
 from dipreg.transforms import Grid, displacement_image
-
-#: Methods known to :func:`run_method`.
-METHODS = ("dip", "classic", "itk", "ants", "identity")
-
-#: Preset used by ``dip`` and ``classic`` when none is given.
-DEFAULT_PRESETS = {"dip": "default", "classic": "classic"}
 
 _SHRINK_FACTORS = [4, 2, 1]
 _SMOOTHING_SIGMAS = [2.0, 1.0, 0.0]

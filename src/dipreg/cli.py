@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import signal
 import sys
 import tempfile
 from importlib import resources
@@ -13,7 +14,6 @@ from pathlib import Path
 import SimpleITK as sitk
 
 from dipreg import __version__
-from dipreg.engine import PRESETS, RegistrationConfig
 from dipreg.errors import DipregError
 from dipreg.evaluation import EVALUATION_COMMANDS, add_evaluation_commands, run_evaluation_command
 from dipreg.images import (
@@ -21,13 +21,14 @@ from dipreg.images import (
     label_map_on,
     read_displacement,
     read_image,
+    read_image_information,
     read_labels,
     resample_to_reference,
     write_image,
 )
 from dipreg.landmarks import read_landmarks, write_points
-from dipreg.registration import publish_directory, register
-from dipreg.transforms import Grid, displacement_transform, invert_displacement
+from dipreg.options import PRESETS, RegistrationConfig, make_config
+from dipreg.outputs import FIELD_DTYPES, check_output_directory
 
 SUMMARY_KEYS = ("ssim", "ncc", "folding_percent", "sdlogj", "jacobian_mean", "iterations", "seconds")
 
@@ -51,7 +52,8 @@ def add_registration_options(parser: argparse.ArgumentParser) -> None:
         kind = _parse_bool if f.type in (bool, "bool") else type(f.default)
         group.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=None,
                            choices=f.metadata.get("choices"), metavar=None if f.metadata.get("choices") else f.name.upper(),
-                           help=f"{f.metadata['help']} (default: {f.default})")
+                           help=f"{f.metadata['help']}{f'; allowed: {allowed}' if (allowed := f.metadata.get('allowed')) else ''} "
+                           f"(default: {f.default})")
 
 
 def registration_options(args: argparse.Namespace) -> dict:
@@ -66,6 +68,9 @@ def _add_io_options(parser: argparse.ArgumentParser) -> None:
                         help="channel of multi-channel images (e.g. 1 = FLAIR in the TCGA-LGG TIFFs) "
                         "(default: none; multi-channel images then stop with an error)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or summary (default: off)")
+    parser.add_argument("--field-dtype", choices=list(FIELD_DTYPES), default="float32",
+                        help="pixel type of displacement.nii.gz; float32 rounds by at most 6e-8 of each component "
+                        "(6e-6 mm at 100 mm) (default: %(default)s)")
     add_registration_options(parser)
 
 
@@ -145,15 +150,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_registration(fixed, moving, args: argparse.Namespace) -> int:
-    if args.output.exists() and not args.output.is_dir():
-        raise DipregError(f"{args.output}: output exists and is not a directory")
     moving_labels, fixed_labels_path = getattr(args, "moving_labels", None), getattr(args, "fixed_labels", None)
     if fixed_labels_path and not moving_labels:
         raise DipregError("--fixed-labels needs --moving-labels")
     landmark_paths = (getattr(args, "fixed_landmarks", None), getattr(args, "moving_landmarks", None))
     if any(landmark_paths) and not all(landmark_paths):
         raise DipregError("give both --fixed-landmarks and --moving-landmarks, or neither")
+    # Everything that can be checked from options, headers and the file system, before
+    # PyTorch is imported and any voxel is read.
+    make_config(args.preset, **registration_options(args))
+    for path in (fixed, moving):
+        read_image_information(path, args.channel)
     labels = read_labels(moving_labels) if moving_labels else None
+    check_output_directory(args.output)
+    from dipreg.registration import register
+
     result = register(fixed, moving, args.preset, channel=args.channel, progress=not args.quiet,
                       initial_transform=getattr(args, "initial_transform", None), **registration_options(args))
     if labels is not None:
@@ -162,7 +173,7 @@ def _run_registration(fixed, moving, args: argparse.Namespace) -> int:
     if all(landmark_paths):
         ndim = result.fixed.GetDimension()
         result.score_landmarks(*(read_landmarks(path, ndim) for path in landmark_paths))
-    result.save(args.output)
+    result.save(args.output, args.field_dtype)
     if not args.quiet:
         print(json.dumps({k: result.metrics[k] for k in SUMMARY_KEYS}, indent=2))
         print(f"wrote {', '.join(sorted(p.name for p in args.output.iterdir()))} to {args.output}")
@@ -170,6 +181,8 @@ def _run_registration(fixed, moving, args: argparse.Namespace) -> int:
 
 
 def _run_apply(args: argparse.Namespace) -> int:
+    from dipreg.transforms import displacement_transform
+
     field = read_displacement(args.displacement)
     image = read_labels(args.image) if args.labels else read_image(args.image, args.channel)
     reference = read_image(args.reference) if args.reference else field
@@ -193,6 +206,8 @@ def _write_atomically(output: Path, write) -> None:
 
 
 def _run_invert(args: argparse.Namespace) -> int:
+    from dipreg.transforms import Grid, invert_displacement
+
     field = read_displacement(args.displacement)
     reference = Grid.from_image(read_image(args.reference)) if args.reference else None
     if reference is not None and reference.ndim != field.GetDimension():
@@ -205,6 +220,8 @@ def _run_invert(args: argparse.Namespace) -> int:
 
 
 def _run_transform_points(args: argparse.Namespace) -> int:
+    from dipreg.transforms import displacement_transform
+
     field = read_displacement(args.displacement)
     points = read_landmarks(args.points, field.GetDimension())
     transform = displacement_transform(field)
@@ -213,9 +230,22 @@ def _run_transform_points(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that staging directories are removed on the way out."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``dipreg`` console script."""
+    """Entry point of the ``dipreg`` console script.
+
+    Returns 0 on success, 1 for a DipregError (one line on stderr), 2 for a usage error,
+    130 on SIGINT (Ctrl-C) and 143 on SIGTERM; an interrupted run leaves no output behind.
+    """
     args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         if args.command == "register":
             return _run_registration(args.fixed, args.moving, args)
@@ -234,6 +264,11 @@ def main(argv: list[str] | None = None) -> int:
     except DipregError as exc:
         print(f"dipreg: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as exc:
+        print("dipreg: interrupted; nothing written", file=sys.stderr)
+        return 143 if isinstance(exc, _Terminated) else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 2
 
 

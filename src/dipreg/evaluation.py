@@ -32,19 +32,19 @@ import os
 import statistics
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 import SimpleITK as sitk
 
 from dipreg import __version__
-from dipreg.baselines import METHODS, check_method, run_method
 from dipreg.errors import DipregError
 from dipreg.images import INTERPOLATORS, label_map_on, read_displacement, same_grid
 from dipreg.landmarks import read_landmarks
-from dipreg.metrics import dice
-from dipreg.registration import RegistrationResult, load_pair
-from dipreg.synthetic import displacement_endpoint_error
+from dipreg.options import METHODS
+
+if TYPE_CHECKING:  # modules that need PyTorch or scikit-image are imported where used: the CLI starts fast
+    from dipreg.registration import RegistrationResult
 
 #: Per-pair columns of results.csv before the Dice columns.
 METRIC_COLUMNS = ("ssim", "ncc", "mse", "jacobian_mean", "jacobian_std", "jacobian_min", "folding_percent", "sdlogj")
@@ -182,6 +182,8 @@ def score_pair(spec: PairSpec, result: RegistrationResult, notes: list[str],
     The moving labels are warped with ``label_interpolation`` and kept in the result (saved
     as ``warped_labels.nii.gz``); the scores are added to ``result.metrics`` and returned.
     """
+    from dipreg.metrics import dice
+
     scores: dict[str, Any] = {}
     if spec.fixed_labels and spec.moving_labels:
         result.propagate_labels(_label_map_on(spec.moving_labels, result.moving, notes),
@@ -196,6 +198,8 @@ def score_pair(spec: PairSpec, result: RegistrationResult, notes: list[str],
         tre = result.score_landmarks(read_landmarks(spec.fixed_landmarks, ndim), read_landmarks(spec.moving_landmarks, ndim))
         scores.update({key: tre[key] for key in ("tre_before_mean_mm", "tre_after_mean_mm")})
     if spec.true_displacement:
+        from dipreg.synthetic import displacement_endpoint_error
+
         truth = read_displacement(spec.true_displacement)
         if not same_grid(truth, result.fixed):
             raise DipregError(f"{spec.true_displacement}: true displacement is not on the fixed image's grid")
@@ -217,6 +221,9 @@ def evaluate_pair(spec: PairSpec, outdir: Path, method: str, preset: str | None 
     if spec.initial_transform:
         row["initial_transform"] = str(spec.initial_transform)
     notes: list[str] = []
+    from dipreg.baselines import run_method
+    from dipreg.registration import load_pair
+
     try:
         fixed, moving = load_pair(spec.fixed, spec.moving, channel, spec.fixed_channel, spec.moving_channel)
         result = run_method(method, fixed, moving, preset, initial_transform=spec.initial_transform, **(options or {}))
@@ -385,6 +392,8 @@ def evaluate(
     Raises:
         DipregError: for a bad PAIRS.csv, method or option (before anything runs).
     """
+    from dipreg.baselines import check_method
+
     check_method(method, preset, options)
     specs = read_pairs(pairs_csv)
     outdir = Path(outdir)

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import os
 import re
+import zlib
 from pathlib import Path
-from typing import Union
+from typing import Sequence, Union
 
+import nibabel
 import numpy as np
 import SimpleITK as sitk
 
@@ -21,6 +23,19 @@ ImageLike = Union[str, os.PathLike, sitk.Image, np.ndarray]
 
 #: Percentiles mapped to 0 and 1 by :func:`intensity_range`.
 INTENSITY_PERCENTILES = (0.5, 99.5)
+
+#: File names whose voxels :func:`check_nifti_voxels` reads with nibabel before SimpleITK does.
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+#: Pixel types refused: a complex image has no one intensity to match.
+COMPLEX_PIXEL_TYPES = (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64)
+
+#: :func:`check_moving_on_fixed`: the fixed image's foreground (above this fraction of its robust
+#: intensity range) that the moving image must cover on the fixed grid, and the smallest
+#: intensity range (a fraction of its own robust range) the moving image must keep there.
+FOREGROUND_LEVEL = 0.1
+MIN_FOREGROUND_COVERAGE = 0.25
+MIN_RESAMPLED_CONTRAST = 0.01
 
 
 def read_image(path: str | os.PathLike, channel: int | None = None) -> sitk.Image:
@@ -37,25 +52,73 @@ def read_image(path: str | os.PathLike, channel: int | None = None) -> sitk.Imag
         DipregError: if the file is missing or unreadable, or the image cannot be registered.
     """
     path = Path(path)
-    if not path.exists():
-        raise DipregError(f"{path}: file not found")
+    read_image_information(path, channel)
+    if path.name.lower().endswith(NIFTI_SUFFIXES):
+        check_nifti_voxels(path)
     try:
         if path.is_dir():
             reader = sitk.ImageSeriesReader()
-            files = reader.GetGDCMSeriesFileNames(str(path))
-            if not files:
-                raise DipregError(f"{path}: directory holds no DICOM series")
-            reader.SetFileNames(files)
+            reader.SetFileNames(_dicom_series(path))
             image = reader.Execute()
         else:
             image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
-        reason = _itk_error_reason(exc)
-        dimension = re.search(r"unsupported image dimension of (\d+)", reason)
-        if dimension:
-            raise DipregError(f"{path}: {dimension.group(1)}D images are not supported (2D or 3D only)") from None
-        raise DipregError(f"{path}: cannot read image ({reason})") from None
+        raise _read_error(path, exc) from None
     return prepare_image(image, name=str(path), channel=channel)
+
+
+def _dicom_series(path: Path) -> tuple[str, ...]:
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path))
+    if not files:
+        raise DipregError(f"{path}: directory holds no DICOM series")
+    return files
+
+
+def _read_error(path: Path, exc: RuntimeError) -> DipregError:
+    reason = _itk_error_reason(exc)
+    dimension = re.search(r"unsupported image dimension of (\d+)", reason)
+    if dimension:
+        return DipregError(f"{path}: {dimension.group(1)}D images are not supported (2D or 3D only)")
+    return DipregError(f"{path}: cannot read image ({reason})")
+
+
+def read_image_information(path: str | os.PathLike, channel: int | None = None) -> tuple[int, ...]:
+    """Check an image file from its header alone, before any voxel is read.
+
+    Returns:
+        The array shape ``(y, x)`` or ``(z, y, x)`` of the image :func:`read_image` would return.
+
+    Raises:
+        DipregError: if the file is missing or unreadable, or its pixel type, dimension or
+            channels (with ``channel``) cannot be registered.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DipregError(f"{path}: file not found")
+    reader = sitk.ImageFileReader()
+    try:
+        files = _dicom_series(path) if path.is_dir() else (str(path),)
+        reader.SetFileName(files[0])
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise _read_error(path, exc) from None
+    size = list(reader.GetSize())
+    if len(files) > 1:
+        size = size[:2] + [len(files)]
+    check_layout(str(path), size, reader.GetNumberOfComponents(), reader.GetPixelID(), channel)
+    return tuple(reversed(size[:2] if len(size) == 3 and size[2] == 1 else size))
+
+
+def check_nifti_voxels(path: str | os.PathLike) -> None:
+    """Read a NIfTI file's stored voxels with nibabel and refuse a truncated file or NaN/Inf
+    values, which SimpleITK would silently read as zeros."""
+    try:
+        data = np.asanyarray(nibabel.load(str(path)).dataobj)
+    except (OSError, EOFError, ValueError, zlib.error) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DipregError(f"{path}: file is truncated or damaged ({reason})") from None
+    if data.dtype.kind in "fc":
+        validate_intensities(data, str(path))
 
 
 def _itk_error_reason(exc: RuntimeError) -> str:
@@ -96,6 +159,28 @@ def _drop_singleton_third_axis(image: sitk.Image) -> sitk.Image:
     return image
 
 
+def check_layout(name: str, size: Sequence[int], components: int, pixel_id: int, channel: int | None) -> None:
+    """Refuse what cannot be registered, from an image's size, channels and pixel type alone:
+    complex pixels, several channels without a valid ``channel``, not 2D/3D, under 2 voxels an axis."""
+    if pixel_id in COMPLEX_PIXEL_TYPES:
+        raise DipregError(f"{name}: complex pixel type ({sitk.GetPixelIDValueAsString(pixel_id)}) is not supported; "
+                          "register the magnitude image")
+    if components > 1:
+        if channel is None:
+            raise DipregError(
+                f"{name}: image has {components} channels; choose one with --channel 0..{components - 1}"
+            )
+        if not 0 <= channel < components:
+            raise DipregError(f"{name}: --channel {channel} out of range 0..{components - 1}")
+    elif channel not in (None, 0):
+        raise DipregError(f"{name}: image has one channel, --channel {channel} does not exist")
+    size = list(size)[:2] if len(size) == 3 and size[2] == 1 else list(size)
+    if len(size) not in (2, 3):
+        raise DipregError(f"{name}: {len(size)}D images are not supported (2D or 3D only)")
+    if min(size) < 2:
+        raise DipregError(f"{name}: image size {tuple(size)} is too small (need 2 voxels per axis)")
+
+
 def prepare_image(image: sitk.Image, name: str, channel: int | None = None) -> sitk.Image:
     """Select a channel, drop a singleton third axis, cast to float32 and validate.
 
@@ -104,22 +189,10 @@ def prepare_image(image: sitk.Image, name: str, channel: int | None = None) -> s
         name: how to name the image in error messages (usually its path).
         channel: component to select when the image has several.
     """
-    components = image.GetNumberOfComponentsPerPixel()
-    if components > 1:
-        if channel is None:
-            raise DipregError(
-                f"{name}: image has {components} channels; choose one with --channel 0..{components - 1}"
-            )
-        if not 0 <= channel < components:
-            raise DipregError(f"{name}: --channel {channel} out of range 0..{components - 1}")
+    check_layout(name, image.GetSize(), image.GetNumberOfComponentsPerPixel(), image.GetPixelID(), channel)
+    if image.GetNumberOfComponentsPerPixel() > 1:
         image = sitk.VectorIndexSelectionCast(image, channel)
-    elif channel not in (None, 0):
-        raise DipregError(f"{name}: image has one channel, --channel {channel} does not exist")
     image = _drop_singleton_third_axis(image)
-    if image.GetDimension() not in (2, 3):
-        raise DipregError(f"{name}: {image.GetDimension()}D images are not supported (2D or 3D only)")
-    if min(image.GetSize()) < 2:
-        raise DipregError(f"{name}: image size {image.GetSize()} is too small (need 2 voxels per axis)")
     image = sitk.Cast(image, sitk.sitkFloat32)
     validate_intensities(sitk.GetArrayViewFromImage(image), name)
     return image
@@ -161,6 +234,43 @@ def as_image(
 def write_image(image: sitk.Image, path: str | os.PathLike) -> None:
     """Write an image with its geometry (format from the file extension)."""
     sitk.WriteImage(image, str(path), useCompression=True)
+
+
+def image_shape(image: ImageLike, channel: int | None = None) -> tuple[int, ...]:
+    """Array shape ``(y, x)`` or ``(z, y, x)`` of an input; for a file read from its header alone."""
+    if isinstance(image, np.ndarray):
+        return tuple(image.shape)
+    if isinstance(image, sitk.Image):
+        size = image.GetSize()
+        return tuple(reversed(size[:2] if len(size) == 3 and size[2] == 1 else size))
+    return read_image_information(image, channel)
+
+
+def describe_grid(image: sitk.Image) -> str:
+    """Spacing, extent and origin of an image in mm, for messages."""
+    spacing = np.array(image.GetSpacing())
+    extent = spacing * np.array(image.GetSize())
+    return (f"spacing {'x'.join(f'{v:g}' for v in spacing)} mm, extent {'x'.join(f'{v:g}' for v in extent)} mm, "
+            f"origin ({', '.join(f'{v:g}' for v in image.GetOrigin())})")
+
+
+def check_moving_on_fixed(moving: sitk.Image, fixed: sitk.Image, moving_on_fixed: sitk.Image,
+                          transform: sitk.Transform | None, moving_name: str, fixed_name: str) -> None:
+    """Refuse a moving image that, resampled onto the fixed grid (through ``transform``), covers
+    less than :data:`MIN_FOREGROUND_COVERAGE` of the fixed image's foreground or is constant
+    there (e.g. a wrong spacing in a header), naming both images' spacings and extents."""
+    geometry = f"moving: {describe_grid(moving)}; fixed {fixed_name}: {describe_grid(fixed)}"
+    foreground = normalise(sitk.GetArrayViewFromImage(fixed), intensity_range(fixed)) > FOREGROUND_LEVEL
+    support = sitk.Image(moving.GetSize(), sitk.sitkUInt8) + 1
+    support.CopyInformation(moving)
+    covered = sitk.GetArrayViewFromImage(resample_to_reference(support, fixed, transform, labels=True)) > 0
+    coverage = float(covered[foreground].mean()) if foreground.any() else float(covered.mean())
+    if coverage < MIN_FOREGROUND_COVERAGE:
+        raise DipregError(f"{moving_name}: on the fixed grid the moving image covers {coverage:.0%} of the fixed "
+                          f"image's foreground (at least {MIN_FOREGROUND_COVERAGE:.0%} needed); {geometry}")
+    values = normalise(sitk.GetArrayViewFromImage(moving_on_fixed)[covered], intensity_range(moving))
+    if values.size == 0 or float(values.max() - values.min()) < MIN_RESAMPLED_CONTRAST:
+        raise DipregError(f"{moving_name}: resampled onto the fixed grid the moving image is constant; {geometry}")
 
 
 def physical_bounds(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:

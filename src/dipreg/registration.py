@@ -6,7 +6,6 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,8 @@ from dipreg.images import (
     ImageLike,
     as_image,
     check_compatible,
+    check_moving_on_fixed,
+    image_shape,
     intensity_range,
     normalise,
     resample_to_fixed,
@@ -32,7 +33,8 @@ from dipreg.images import (
 from dipreg.field_transform import FieldTransform, affine_transform
 from dipreg.memory import check_memory
 from dipreg.landmarks import landmark_errors, write_landmark_table
-from dipreg.metrics import dice, image_metrics, jacobian_statistics
+from dipreg.metrics import dice, image_metrics, jacobian_statistics, ncc, ssim
+from dipreg.outputs import FIELD_DTYPES, make_staging_directory
 from dipreg.synthetic import foreground_mask
 from dipreg.transforms import (
     Grid,
@@ -137,21 +139,23 @@ class RegistrationResult:
         self.metrics.update(summary)
         return summary
 
-    def save(self, outdir: str | os.PathLike) -> Path:
+    def save(self, outdir: str | os.PathLike, field_dtype: str = "float32") -> Path:
         """Write the output files (:data:`OUTPUT_FILES`, plus extra images and landmarks) to ``outdir``.
 
         Files are written into a temporary sibling directory first and moved into place
-        only when all of them exist, so a failure leaves no half-written output.
+        only when all of them exist, so a failure leaves no half-written output. Directories
+        and files follow the umask. The displacement field is written as ``field_dtype``
+        (see :data:`dipreg.outputs.FIELD_DTYPES`).
         """
         from dipreg.reports import save_qc_figure
 
         outdir = Path(outdir)
-        outdir.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.", dir=outdir.parent))
+        staging = make_staging_directory(outdir)
         try:
             write_image(self.warped, staging / "warped.nii.gz")
-            write_image(self.displacement, staging / "displacement.nii.gz")
-            write_image(self.inverse_displacement, staging / "inverse_displacement.nii.gz")
+            write_image(sitk.Cast(self.displacement, FIELD_DTYPES[field_dtype]), staging / "displacement.nii.gz")
+            write_image(sitk.Cast(self.inverse_displacement, FIELD_DTYPES[field_dtype]),
+                        staging / "inverse_displacement.nii.gz")
             sitk.WriteTransform(self.field_transform.linear_transform(), str(staging / "affine.mat"))
             write_image(self.jacobian, staging / "jacobian.nii.gz")
             for name, image in self.extra_images.items():
@@ -237,12 +241,16 @@ def load_pair(
     spacing: tuple[float, ...] | None = None,
 ) -> tuple[sitk.Image, sitk.Image]:
     """Read and validate a fixed and a moving image (per-image channels override ``channel``)."""
-    fixed_name = str(fixed) if isinstance(fixed, (str, os.PathLike)) else "fixed image"
-    moving_name = str(moving) if isinstance(moving, (str, os.PathLike)) else "moving image"
+    fixed_name, moving_name = input_name(fixed, "fixed image"), input_name(moving, "moving image")
     fixed_image = as_image(fixed, fixed_name, spacing, fixed_channel if fixed_channel is not None else channel)
     moving_image = as_image(moving, moving_name, spacing, moving_channel if moving_channel is not None else channel)
     check_compatible(fixed_image, moving_image, fixed_name, moving_name)
     return fixed_image, moving_image
+
+
+def input_name(image: ImageLike, role: str) -> str:
+    """How error messages name an input: its path, else its role."""
+    return str(image) if isinstance(image, (str, os.PathLike)) else role
 
 
 InitialTransform = sitk.Transform | str | os.PathLike | None
@@ -300,22 +308,31 @@ def register(
         DipregError: for unusable inputs or a diverging optimisation.
     """
     config = make_config(preset, **options)
+    # From the fixed image's header (the grid of the whole run), before any voxel is read.
+    check_memory(image_shape(fixed, fixed_channel if fixed_channel is not None else channel), config)
     fixed_image, moving_image = load_pair(fixed, moving, channel, fixed_channel, moving_channel, spacing)
     initial = load_initial_transform(initial_transform, fixed_image.GetDimension())
-    moving_on_fixed = (moving_image if initial is None and same_grid(fixed_image, moving_image)
-                       else resample_to_fixed(moving_image, fixed_image, initial))
+    header_aligned = (moving_image if same_grid(fixed_image, moving_image)
+                      else resample_to_fixed(moving_image, fixed_image))
+    moving_on_fixed = header_aligned if initial is None else resample_to_fixed(moving_image, fixed_image, initial)
+    check_moving_on_fixed(moving_image, fixed_image, moving_on_fixed, initial,
+                          input_name(moving, "moving image"), input_name(fixed, "fixed image"))
     grid = Grid.from_image(fixed_image)
-    check_memory(grid.shape, config)
 
-    def tensor(image: sitk.Image, value_range: tuple[float, float]) -> torch.Tensor:
-        array = normalise(sitk.GetArrayViewFromImage(image), value_range)
-        return torch.from_numpy(array)[None, None]
-
+    fixed01 = normalise(sitk.GetArrayViewFromImage(fixed_image), intensity_range(fixed_image))
     outcome = optimise(
-        tensor(fixed_image, intensity_range(fixed_image)),
-        tensor(moving_on_fixed, intensity_range(moving_image)),
+        torch.from_numpy(fixed01)[None, None],
+        torch.from_numpy(normalise(sitk.GetArrayViewFromImage(moving_on_fixed), intensity_range(moving_image)))[None, None],
         grid, config, progress=progress, callback=callback,
     )
+
+    # Before registering: the headers alone, then after the affine stage (None when skipped).
+    before = {
+        "identity": normalise(sitk.GetArrayViewFromImage(header_aligned), intensity_range(moving_image)),
+        "affine": None if outcome.affine_warped is None else outcome.affine_warped[0, 0].numpy(),
+    }
+    before = {stage: None if moving01 is None else {"ssim": ssim(fixed01, moving01), "ncc": ncc(fixed01, moving01)}
+              for stage, moving01 in before.items()}
     info = {
         "method": config.method,
         "preset": preset,
@@ -324,6 +341,8 @@ def register(
         "seconds": outcome.seconds,
         "device": outcome.device,
         "options": dataclasses.asdict(config),
+        "before": before,
+        "loss_stages": outcome.loss_stages,
     }
     if initial is not None:
         info["initial_transform"] = describe_initial_transform(initial_transform)
