@@ -111,7 +111,8 @@ def test_evaluate_identity_scores_labels_masks_and_known_warp(dataset, tmp_path,
     assert known["seconds"] >= 0 and known["peak_memory_mb"] > 0
     assert "3D" in rows["broken"]["error"]
     assert sorted(p.name for p in (tmp_path / "out" / "pairs" / "known").iterdir()) == [
-        "displacement.nii.gz", "jacobian.nii.gz", "metrics.json", "qc.png", "warped.nii.gz", "warped_labels.nii.gz"]
+        "displacement.nii.gz", "jacobian.nii.gz", "metrics.json", "qc.png", "report.html", "warped.nii.gz",
+        "warped_labels.nii.gz"]
     saved = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert saved["n_pairs"] == 2 and saved["n_failed"] == 1 and saved["failed"][0]["id"] == "broken"
     assert saved["metrics"]["epe_mm"]["mean"] == pytest.approx(known["epe_mm"])
@@ -196,6 +197,10 @@ def test_cli_evaluate_and_compare(dataset, tmp_path, capsys):
     for name in ("boxplots.png", "figure2.png", "qc/pair001-classic.png", "qc/pair001-identity.png"):
         assert (report / name).is_file() and name in page
     assert "data_range=1" in page and "EPE mm" in page
+    for method in ("classic", "identity"):  # every pair's report, linked relative to the compare folder
+        for pair_id in ("pair001", "pair002"):
+            href = f"../{method}/pairs/{pair_id}/report.html"
+            assert f"href='{href}'" in page and (report / href).resolve().is_file()
     with open(report / "wins.csv") as handle:
         tally = {row["metric"]: row for row in csv.DictReader(handle)}
     assert tally["folding_percent"]["method"] == "identity" and int(tally["ssim"]["pairs"]) == 2

@@ -38,6 +38,7 @@ from dipreg import __version__
 from dipreg.baselines import METHODS, check_method, run_method
 from dipreg.errors import DipregError
 from dipreg.images import read_labels, resample_to_reference, same_grid, write_image
+from dipreg.metric_catalogue import METRICS
 from dipreg.metrics import dice
 from dipreg.registration import RegistrationResult, load_pair
 from dipreg.synthetic import displacement_endpoint_error
@@ -48,20 +49,15 @@ METRIC_COLUMNS = ("ssim", "ncc", "mse", "jacobian_mean", "jacobian_std", "jacobi
 #: Columns of results.csv that describe a pair rather than score it.
 TEXT_COLUMNS = ("id", "fixed", "moving", "initial_transform", "method", "error", "notes")
 
-#: How each summarised metric is printed: label and decimals (paper format ``0.913 ± 0.051``).
-DISPLAY = {
-    "ssim": ("SSIM", 3), "ncc": ("NCC", 3), "mse": ("MSE", 4),
-    "jacobian_mean": ("det J mean", 3), "jacobian_std": ("det J std", 3), "jacobian_min": ("det J min", 3),
-    "folding_percent": ("folding %", 3), "sdlogj": ("SDlogJ", 3),
-    "dice_mean": ("Dice mean", 3), "mask_dice": ("mask Dice", 3), "epe_mm": ("EPE mm", 3),
-    "peak_memory_mb": ("peak memory MB", 0),
-}
+#: How each summarised metric is printed: heading and decimals from the metric catalogue
+#: (paper format ``0.913 ± 0.051``).
+DISPLAY = {key: (METRICS[key].heading, METRICS[key].decimals) for key in (
+    *METRIC_COLUMNS, "dice_mean", "mask_dice", "epe_mm", "peak_memory_mb")}
 
 #: Subcommands added by :func:`add_evaluation_commands`.
 EVALUATION_COMMANDS = ("evaluate", "compare")
 
-SSIM_DEFINITION = ("SSIM: scikit-image structural_similarity on images scaled to [0, 1] "
-                   "(0.5-99.5 percentiles), data_range=1, 7-voxel window")
+SSIM_DEFINITION = f"SSIM: {METRICS['ssim'].definition}"
 STD_DEFINITION = "sample standard deviation across pairs (ddof=1)"
 
 

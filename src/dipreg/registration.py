@@ -42,7 +42,7 @@ from dipreg.transforms import (
 )
 
 #: File names written by :meth:`RegistrationResult.save`.
-OUTPUT_FILES = ("warped.nii.gz", "displacement.nii.gz", "jacobian.nii.gz", "qc.png", "metrics.json")
+OUTPUT_FILES = ("warped.nii.gz", "displacement.nii.gz", "jacobian.nii.gz", "qc.png", "report.html", "metrics.json")
 
 
 @dataclass
@@ -82,11 +82,12 @@ class RegistrationResult:
         return resample_to_reference(image, self.fixed, self.transform, labels=labels)
 
     def save(self, outdir: str | os.PathLike) -> Path:
-        """Write warped, displacement, Jacobian, QC figure and metrics to ``outdir``.
+        """Write warped, displacement, Jacobian, QC figure, HTML report and metrics to ``outdir``.
 
         Files are written into a temporary sibling directory first and moved into place
         only when all of them exist, so a failure leaves no half-written output.
         """
+        from dipreg.html_report import write_html_report
         from dipreg.reports import save_qc_figure
 
         outdir = Path(outdir)
@@ -97,6 +98,7 @@ class RegistrationResult:
             write_image(self.displacement, staging / "displacement.nii.gz")
             write_image(self.jacobian, staging / "jacobian.nii.gz")
             save_qc_figure(self, staging / "qc.png")
+            write_html_report(self, staging / "report.html")
             metrics = {**self.metrics, "loss_history": self.loss_history}
             (staging / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
             publish_directory(staging, outdir)
