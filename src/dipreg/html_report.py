@@ -382,7 +382,6 @@ _SCRIPT = """
   function show(plane, position) {
     const entry = data[plane], section = document.getElementById("plane-" + plane);
     section.querySelectorAll("img[data-panel]").forEach(img => { img.src = entry.images[position][img.dataset.panel]; });
-    section.querySelector("input").value = position;
     section.dataset.slice = entry.indices[position];
     section.querySelector(".slice-label").textContent = "slice " + entry.indices[position] + " of " + entry.size;
     recordImages();
@@ -397,7 +396,9 @@ _SCRIPT = """
     const [plane, value] = part.split("=");
     if (!(plane in data)) continue;
     const distances = data[plane].indices.map(index => Math.abs(index - Number(value)));
-    show(plane, distances.indexOf(Math.min(...distances)));
+    const slider = document.getElementById("plane-" + plane).querySelector("input");
+    slider.value = distances.indexOf(Math.min(...distances));
+    slider.dispatchEvent(new Event("input"));  // as if the slider had been moved there
   }
   recordImages();
 })();
@@ -431,7 +432,8 @@ def render_html_report(result: "RegistrationResult") -> str:
 
     metrics = result.metrics
     stages = _loss_stages(result)
-    losses = (f"<img src='{_loss_figure(stages)}' alt='loss curves'>" if stages
+    stage_names = ", ".join(str(stage["stage"]) for stage in stages)
+    losses = (f"<img src='{_loss_figure(stages)}' alt='loss curves: {html.escape(stage_names)}'>" if stages
               else f"<p>No loss history: method {html.escape(str(metrics.get('method', '')))} has none.</p>")
     summary = "   ".join(f"{METRICS[key].label} {METRICS[key].format(metrics[key])} {METRICS[key].unit}".strip()
                          for key in ("ssim", "folding_percent", "sdlogj", "jacobian_mean", "seconds")
