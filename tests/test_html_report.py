@@ -16,7 +16,14 @@ import pytest
 import SimpleITK as sitk
 from PIL import Image
 
-from dipreg.html_report import FOLDED_RGB, PANELS, SLICES_PER_PLANE, render_html_report, slice_positions, write_html_report
+from dipreg.html_report import (
+    FOLDED_RGB,
+    PANELS,
+    SLICES_PER_PLANE,
+    render_html_report,
+    slice_positions,
+    write_html_report,
+)
 from dipreg.images import intensity_range, normalise
 from dipreg.metric_catalogue import METRICS, metric_info
 from dipreg.registration import result_from_displacement
@@ -160,7 +167,7 @@ def _browse(page: Path, fragment: str, profile: Path) -> tuple[_Page, np.ndarray
         [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--user-data-dir={profile}",
          "--window-size=1300,900", "--virtual-time-budget=5000", f"--screenshot={shot}", "--dump-dom",
          page.as_uri() + fragment],
-        capture_output=True, text=True, timeout=90)
+        capture_output=True, text=True, timeout=90, check=False)
     assert completed.returncode == 0, completed.stderr[-2000:]
     return _Page(completed.stdout), np.asarray(Image.open(shot).convert("RGB")).astype(int)
 

@@ -20,6 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from dipreg.errors import DipregError  # noqa: E402
 from dipreg.evaluation import DISPLAY, SSIM_DEFINITION, STD_DEFINITION, read_results  # noqa: E402
+from dipreg.html_report import html_table  # noqa: E402
 from dipreg.metric_catalogue import METRICS  # noqa: E402
 
 #: Metrics compared, and whether higher is better (None: no better direction, no wins counted).
@@ -152,12 +153,6 @@ def _ranked_pairs(evaluations: list[Evaluation]) -> tuple[str, list[tuple[str, s
     return "", []
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
 def _number(value: Any, decimals: int = 3) -> str:
     return "" if value is None else f"{value:.{decimals}f}" if isinstance(value, float) else str(value)
 
@@ -268,16 +263,16 @@ table: <b>{html.escape(evaluations[0].label)}</b>.</p>
 <p>{html.escape(SSIM_DEFINITION)}. ± is the {html.escape(STD_DEFINITION)}. SSIM alone rewards folding: read it
 next to % folding (det J &le; 0) and SDlogJ, and Dice or EPE where labels or known warps exist.</p>
 <h2>Summary (pairs that succeeded)</h2>
-{_table(["method", "pairs", *[_label(k) for k in metrics]], summary_rows)}
+{html_table(["method", "pairs", *[_label(k) for k in metrics]], summary_rows)}
 <h2>Box plots</h2>
 {images}
 <h2>Paired against {html.escape(evaluations[0].label)}</h2>
 <p>Difference = method &minus; reference over the pairs both succeeded on; a win is a pair where the method is
 better (higher SSIM, NCC, det J min, Dice; lower MSE, folding, SDlogJ, EPE, seconds, memory; mean det J has no better
 direction). Also in wins.csv and paired.csv.</p>
-{_table(["method", "metric", "pairs", "mean difference", "wins", "losses", "ties"], wins_rows)}
+{html_table(["method", "metric", "pairs", "mean difference", "wins", "losses", "ties"], wins_rows)}
 <details><summary>Per-pair differences</summary>
-{_table(["pair", "method", *[_label(k) for k in pair_metrics]], pair_rows)}
+{html_table(["pair", "method", *[_label(k) for k in pair_metrics]], pair_rows)}
 </details>
 <h2>QC figures: best, median and worst pairs</h2>
 {"".join(qc_sections) or "<p>No pair succeeded.</p>"}

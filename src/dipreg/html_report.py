@@ -31,13 +31,20 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
-from matplotlib.colors import Colormap, Normalize  # noqa: E402
+from matplotlib.colors import Normalize  # noqa: E402
 from PIL import Image  # noqa: E402
 from skimage.feature import canny  # noqa: E402
 from skimage.transform import resize  # noqa: E402
 
 from dipreg.metric_catalogue import METRICS, metric_info  # noqa: E402
-from dipreg.reports import PLANES_3D, display_images, field_plane, grid_lines, jacobian_norm, plane_slice  # noqa: E402
+from dipreg.reports import (  # noqa: E402
+    PLANES_3D,
+    display_images,
+    field_plane,
+    grid_lines,
+    jacobian_norm,
+    plane_slice,
+)
 from dipreg.transforms import voxel_displacement_from_image  # noqa: E402
 
 if TYPE_CHECKING:
@@ -95,7 +102,7 @@ class _View:
     height: int
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _palette(cmap: str, mark_colours: tuple[tuple[float, float, float], ...]) -> list[int]:
     """A PNG palette: ``cmap`` in ``256 - len(mark_colours)`` levels, then the mark colours."""
     colours = np.concatenate([plt.get_cmap(cmap)(np.linspace(0.0, 1.0, 256 - len(mark_colours)))[:, :3],
@@ -125,12 +132,6 @@ def _picture(view: _View, values: np.ndarray, cmap: str = "gray",
     return _png(values, cmap, marks)
 
 
-def _figure_png(fig: plt.Figure, dpi: float = 100) -> str:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
 def _checkerboard(view: _View) -> str:
     rows, cols = np.indices(view.fixed.shape)
     tile = max(1, round(max(view.fixed.shape) / 8))
@@ -157,7 +158,7 @@ def _grid(view: _View) -> str:
     scale_rows, scale_cols = view.height / rows, view.width / cols
     background = view.fixed[(np.arange(view.height) / scale_rows).astype(int)][:, (np.arange(view.width) / scale_cols).astype(int)]
     lines = np.zeros(background.shape, bool)
-    samples = np.linspace(0.0, 1.0, 2 * int(math.ceil(max(scale_rows, scale_cols))) + 1)[:, None]
+    samples = np.linspace(0.0, 1.0, 2 * math.ceil(max(scale_rows, scale_cols)) + 1)[:, None]
     for line_cols, line_rows in grid_lines(view.field, lines=12):
         # points along each segment, dense enough to leave no gaps at the shown size
         y = ((line_rows[:-1] + samples * np.diff(line_rows) + 0.5) * scale_rows).ravel()
@@ -314,12 +315,14 @@ def _loss_figure(stages: list[dict[str, Any]]) -> str:
         ax.tick_params(labelsize=7)
     width = fig.get_figwidth()
     fig.subplots_adjust(left=0.6 / width, right=1 - 0.15 / width, bottom=0.2, top=0.88, wspace=0.35)
-    uri = _figure_png(fig, dpi=90)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
     plt.close(fig)
-    return uri
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _rows(header: list[str], rows: list[list[str]]) -> str:
+def html_table(header: list[str], rows: list[list[str]]) -> str:
+    """An HTML table of text cells (escaped)."""
     head = "".join(f"<th>{html.escape(cell)}</th>" for cell in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
@@ -330,7 +333,7 @@ def _is_number(value: Any) -> bool:
 
 
 def _metric_rows(metrics: dict[str, Any]) -> list[list[str]]:
-    """Numeric metrics, catalogue entries first in catalogue order, then per-label Dice, then the rest."""
+    """Rows of the numeric metrics: catalogue entries in catalogue order, then the others (per-label Dice...)."""
     numeric = [key for key, value in metrics.items() if _is_number(value)]
     ordered = [key for key in METRICS if key in numeric] + [key for key in numeric if key not in METRICS]
     rows = []
@@ -440,7 +443,7 @@ def render_html_report(result: "RegistrationResult") -> str:
                          if _is_number(metrics.get(key)))
     run_rows = [[key, str(value)] for key, value in metrics.items() if isinstance(value, str)]
     option_rows = [[key, str(value)] for key, value in (metrics.get("options") or {}).items()]
-    options = _rows(["option", "value"], option_rows) if option_rows else "<p>No options (method has none).</p>"
+    options = html_table(["option", "value"], option_rows) if option_rows else "<p>No options (method has none).</p>"
     written = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     slice_note = ("<p>3D: the three planes through the centre; each slider steps through "
                   f"{SLICES_PER_PLANE} pre-rendered slices. Superior / anterior is up.</p>" if slices else "")
@@ -457,14 +460,14 @@ def render_html_report(result: "RegistrationResult") -> str:
 <h2>Loss per stage</h2>
 {losses}
 <h2>Metrics</h2>
-{_rows(["metric", "value", "unit", "better", "definition"], _metric_rows(metrics))}
+{html_table(["metric", "value", "unit", "better", "definition"], _metric_rows(metrics))}
 <h2>Run</h2>
-{_rows(["image", "size (voxels)", "spacing (mm)"], _image_rows(result))}
-{_rows(["item", "value"], run_rows)}
+{html_table(["image", "size (voxels)", "spacing (mm)"], _image_rows(result))}
+{html_table(["item", "value"], run_rows)}
 <h2>Options</h2>
 {options}
 <h2>Versions</h2>
-{_rows(["software", "version"], _versions(metrics))}
+{html_table(["software", "version"], _versions(metrics))}
 <script type="application/json" id="slices">{json.dumps(slices)}</script>
 <script>{_SCRIPT}</script>
 </body></html>
