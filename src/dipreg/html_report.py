@@ -220,7 +220,7 @@ def _volumes(result: "RegistrationResult") -> _Volumes:
     uncertainty_image = getattr(result, "uncertainty", None)
     uncertainty = None if uncertainty_image is None else sitk.GetArrayFromImage(uncertainty_image).astype(np.float64)
     difference_limit = max(float(np.percentile(np.abs(fixed - moving), 99.5)), 0.05)
-    uncertainty_norm = None if uncertainty is None else Normalize(0.0, max(float(np.percentile(uncertainty, 99.5)), 1e-6))
+    uncertainty_norm = None if uncertainty is None else Normalize(0.0, max(float(np.nanpercentile(uncertainty, 99.5)), 1e-6))
     return _Volumes(fixed, moving, warped, det, voxel_displacement_from_image(result.displacement), uncertainty,
                     tuple(reversed(result.fixed.GetSpacing())), Normalize(0.0, difference_limit), jacobian_norm(det),
                     uncertainty_norm)
