@@ -198,6 +198,10 @@ def test_cli_evaluate_and_compare(dataset, tmp_path, capsys):
     for name in ("boxplots.png", "figure2.png", "qc/pair001-classic.png", "qc/pair001-identity.png"):
         assert (report / name).is_file() and name in page
     assert "data_range=1" in page and "EPE mm" in page
+    for method in ("classic", "identity"):  # every pair's report, linked relative to the compare folder
+        for pair_id in ("pair001", "pair002"):
+            href = f"../{method}/pairs/{pair_id}/report.html"
+            assert f"href='{href}'" in page and (report / href).resolve().is_file()
     with open(report / "wins.csv") as handle:
         tally = {row["metric"]: row for row in csv.DictReader(handle)}
     assert tally["folding_percent"]["method"] == "identity" and int(tally["ssim"]["pairs"]) == 2

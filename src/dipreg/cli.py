@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     reg = commands.add_parser("register", help="register MOVING onto FIXED and write warped image, field, Jacobian, QC, metrics",
                               description="Register MOVING onto FIXED. Writes to OUTPUT: warped.nii.gz (moving on the fixed grid), "
-                              "displacement.nii.gz (ITK displacement field, mm), jacobian.nii.gz (det J), qc.png, metrics.json.")
+                              "displacement.nii.gz (ITK displacement field, mm), jacobian.nii.gz (det J), qc.png, report.html, metrics.json.")
     reg.add_argument("fixed", type=Path, help="fixed (target) image; defines the output grid")
     reg.add_argument("moving", type=Path, help="moving image, resampled into the fixed image's physical space")
     reg.add_argument("--initial-transform", type=Path, default=None, metavar="FILE",

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import statistics
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,13 +20,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from dipreg.errors import DipregError  # noqa: E402
 from dipreg.evaluation import DISPLAY, SSIM_DEFINITION, STD_DEFINITION, read_results  # noqa: E402
+from dipreg.html_report import html_table  # noqa: E402
+from dipreg.metric_catalogue import METRICS  # noqa: E402
 
 #: Metrics compared, and whether higher is better (None: no better direction, no wins counted).
-COMPARED: dict[str, bool | None] = {
-    "ssim": True, "ncc": True, "mse": False, "jacobian_mean": None, "jacobian_min": True,
-    "folding_percent": False, "sdlogj": False, "dice_mean": True, "mask_dice": True, "epe_mm": False,
-    "seconds": False, "peak_memory_mb": False,
-}
+COMPARED: dict[str, bool | None] = {key: METRICS[key].higher_is_better for key in (
+    "ssim", "ncc", "mse", "jacobian_mean", "jacobian_min", "folding_percent", "sdlogj", "dice_mean", "mask_dice",
+    "epe_mm", "seconds", "peak_memory_mb")}
 #: Metrics drawn as box plots (the paper's Figure 2 is the first two).
 PLOTTED = ("ssim", "jacobian_mean", "folding_percent", "sdlogj", "dice_mean", "mask_dice", "epe_mm")
 #: Metric that ranks pairs for the best / median / worst QC figures, first present wins.
@@ -152,14 +153,28 @@ def _ranked_pairs(evaluations: list[Evaluation]) -> tuple[str, list[tuple[str, s
     return "", []
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
 def _number(value: Any, decimals: int = 3) -> str:
     return "" if value is None else f"{value:.{decimals}f}" if isinstance(value, float) else str(value)
+
+
+def _report_href(evaluation: Evaluation, pair_id: str, report: Path) -> str | None:
+    """URL of a pair's report.html relative to the compare folder (None when the pair has none)."""
+    target = evaluation.outdir / "pairs" / pair_id / "report.html"
+    if pair_id not in evaluation.rows or not target.is_file():
+        return None
+    return urllib.parse.quote(Path(os.path.relpath(target.resolve(), report.resolve())).as_posix())
+
+
+def _report_links(evaluations: list[Evaluation], report: Path) -> str:
+    """A table of pairs by methods, each cell linking that pair's report.html."""
+    pair_ids = list(dict.fromkeys(pair_id for e in evaluations for pair_id in e.rows))
+    rows = []
+    for pair_id in pair_ids:
+        cells = "".join(f"<td><a href='{html.escape(href)}'>report</a></td>" if href else "<td></td>"
+                        for href in (_report_href(e, pair_id, report) for e in evaluations))
+        rows.append(f"<tr><td>{html.escape(pair_id)}</td>{cells}</tr>")
+    head = "".join(f"<th>{html.escape(e.label)}</th>" for e in evaluations)
+    return f"<table><thead><tr><th>pair</th>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 
 
 def _write_csv(rows: list[dict[str, Any]], path: Path) -> None:
@@ -176,7 +191,8 @@ def compare(outdirs: list[str | os.PathLike], report_dir: str | os.PathLike) -> 
     Writes to ``report_dir``: ``boxplots.png`` (every metric present), ``figure2.png``
     (SSIM and mean det J, the paper's Figure 2), ``paired.csv`` (per-pair differences),
     ``wins.csv`` (wins/losses against the reference), the QC figures of the best, median
-    and worst pairs under ``qc/``, and ``index.html`` showing all of it.
+    and worst pairs under ``qc/``, and ``index.html`` showing all of it and linking each
+    pair's ``report.html`` (relative links into the evaluate folders).
 
     Returns:
         The path of ``index.html``.
@@ -223,8 +239,10 @@ def compare(outdirs: list[str | os.PathLike], report_dir: str | os.PathLike) -> 
                 shutil.copyfile(source, report / target)
                 row = e.rows[pair_id]
                 caption = ", ".join(f"{_label(k)} {_number(row[k])}" for k in plotted if k in row)
+                href = _report_href(e, pair_id, report)
+                link = f" (<a href='{html.escape(href)}'>report</a>)" if href else ""
                 figures.append(f"<figure><img src='{html.escape(target.as_posix())}' alt='QC {html.escape(e.label)}'>"
-                               f"<figcaption><b>{html.escape(e.label)}</b>: {html.escape(caption)}</figcaption></figure>")
+                               f"<figcaption><b>{html.escape(e.label)}</b>: {html.escape(caption)}{link}</figcaption></figure>")
         reference_row = evaluations[0].rows[pair_id]
         qc_sections.append(f"<h3>{role} pair by {html.escape(evaluations[0].label)} {html.escape(_label(ranking))}: "
                            f"{html.escape(pair_id)}</h3><p>fixed {html.escape(reference_row['fixed'])}<br>"
@@ -245,19 +263,22 @@ table: <b>{html.escape(evaluations[0].label)}</b>.</p>
 <p>{html.escape(SSIM_DEFINITION)}. ± is the {html.escape(STD_DEFINITION)}. SSIM alone rewards folding: read it
 next to % folding (det J &le; 0) and SDlogJ, and Dice or EPE where labels or known warps exist.</p>
 <h2>Summary (pairs that succeeded)</h2>
-{_table(["method", "pairs", *[_label(k) for k in metrics]], summary_rows)}
+{html_table(["method", "pairs", *[_label(k) for k in metrics]], summary_rows)}
 <h2>Box plots</h2>
 {images}
 <h2>Paired against {html.escape(evaluations[0].label)}</h2>
 <p>Difference = method &minus; reference over the pairs both succeeded on; a win is a pair where the method is
 better (higher SSIM, NCC, det J min, Dice; lower MSE, folding, SDlogJ, EPE, seconds, memory; mean det J has no better
 direction). Also in wins.csv and paired.csv.</p>
-{_table(["method", "metric", "pairs", "mean difference", "wins", "losses", "ties"], wins_rows)}
+{html_table(["method", "metric", "pairs", "mean difference", "wins", "losses", "ties"], wins_rows)}
 <details><summary>Per-pair differences</summary>
-{_table(["pair", "method", *[_label(k) for k in pair_metrics]], pair_rows)}
+{html_table(["pair", "method", *[_label(k) for k in pair_metrics]], pair_rows)}
 </details>
 <h2>QC figures: best, median and worst pairs</h2>
 {"".join(qc_sections) or "<p>No pair succeeded.</p>"}
+<h2>Per-pair reports</h2>
+<p>Each pair's report.html (images, overlays, det J, loss curves, metrics, options) in the evaluate folders.</p>
+{_report_links(evaluations, report)}
 </body></html>
 """
     (report / "index.html").write_text(page, encoding="utf-8")

@@ -41,6 +41,7 @@ from dipreg import __version__
 from dipreg.errors import DipregError
 from dipreg.images import INTERPOLATORS, label_map_on, read_displacement, same_grid
 from dipreg.landmarks import read_landmarks
+from dipreg.metric_catalogue import METRICS
 from dipreg.options import METHODS
 
 if TYPE_CHECKING:  # modules that need PyTorch or scikit-image are imported where used: the CLI starts fast
@@ -52,21 +53,15 @@ METRIC_COLUMNS = ("ssim", "ncc", "mse", "jacobian_mean", "jacobian_std", "jacobi
 #: Columns of results.csv that describe a pair rather than score it.
 TEXT_COLUMNS = ("id", "fixed", "moving", "initial_transform", "method", "error", "notes")
 
-#: How each summarised metric is printed: label and decimals (paper format ``0.913 ± 0.051``).
-DISPLAY = {
-    "ssim": ("SSIM", 3), "ncc": ("NCC", 3), "mse": ("MSE", 4),
-    "jacobian_mean": ("det J mean", 3), "jacobian_std": ("det J std", 3), "jacobian_min": ("det J min", 3),
-    "folding_percent": ("folding %", 3), "sdlogj": ("SDlogJ", 3),
-    "dice_mean": ("Dice mean", 3), "mask_dice": ("mask Dice", 3), "epe_mm": ("EPE mm", 3),
-    "tre_before_mean_mm": ("TRE before mm", 3), "tre_after_mean_mm": ("TRE after mm", 3),
-    "peak_memory_mb": ("peak memory MB", 0),
-}
+#: How each summarised metric is printed: heading and decimals from the metric catalogue
+#: (paper format ``0.913 ± 0.051``).
+DISPLAY = {key: (METRICS[key].heading, METRICS[key].decimals) for key in (
+    *METRIC_COLUMNS, "dice_mean", "mask_dice", "epe_mm", "tre_before_mean_mm", "tre_after_mean_mm", "peak_memory_mb")}
 
 #: Subcommands added by :func:`add_evaluation_commands`.
 EVALUATION_COMMANDS = ("evaluate", "compare")
 
-SSIM_DEFINITION = ("SSIM: scikit-image structural_similarity on images scaled to [0, 1] "
-                   "(0.5-99.5 percentiles), data_range=1, 7-voxel window")
+SSIM_DEFINITION = f"SSIM: {METRICS['ssim'].definition}"
 STD_DEFINITION = "sample standard deviation across pairs (ddof=1)"
 
 

@@ -32,6 +32,7 @@ from dipreg.images import (
 )
 from dipreg.field_transform import FieldTransform, affine_transform
 from dipreg.memory import check_memory
+from dipreg.metric_catalogue import METRICS
 from dipreg.landmarks import landmark_errors, write_landmark_table
 from dipreg.metrics import dice, image_metrics, jacobian_statistics, ncc, ssim
 from dipreg.outputs import FIELD_DTYPES, make_staging_directory
@@ -47,7 +48,7 @@ from dipreg.transforms import (
 
 #: File names written by :meth:`RegistrationResult.save` for every result.
 OUTPUT_FILES = ("warped.nii.gz", "displacement.nii.gz", "inverse_displacement.nii.gz", "affine.mat",
-                "jacobian.nii.gz", "qc.png", "metrics.json")
+                "jacobian.nii.gz", "qc.png", "report.html", "metrics.json")
 
 
 @dataclass
@@ -147,6 +148,7 @@ class RegistrationResult:
         and files follow the umask. The displacement field is written as ``field_dtype``
         (see :data:`dipreg.outputs.FIELD_DTYPES`).
         """
+        from dipreg.html_report import write_html_report
         from dipreg.reports import save_qc_figure
 
         outdir = Path(outdir)
@@ -163,6 +165,7 @@ class RegistrationResult:
             if self.landmarks:
                 write_landmark_table(self.landmarks, staging / "landmarks.csv")
             save_qc_figure(self, staging / "qc.png")
+            write_html_report(self, staging / "report.html")
             metrics = {**self.metrics, "loss_history": self.loss_history}
             (staging / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
             publish_directory(staging, outdir)
@@ -209,8 +212,8 @@ def result_from_transform(
         **jacobian_statistics(det),
         **transform.inverse_consistency(foreground),
         "inverse_residual_p95_mm": transform.inverse_residual_p95_mm,
-        "ssim_definition": "skimage structural_similarity, images scaled to [0,1] by 0.5-99.5 percentiles, data_range=1",
-        "inverse_consistency_definition": "|phi^-1(phi(p)) - p| in mm over the fixed image's foreground (Otsu)",
+        "ssim_definition": METRICS["ssim"].definition,
+        "inverse_consistency_definition": METRICS["inverse_consistency_mean_mm"].definition,
         **info,
         "dipreg_version": __version__,
     }

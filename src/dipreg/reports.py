@@ -20,44 +20,70 @@ if TYPE_CHECKING:
     from dipreg.registration import RegistrationResult
 
 
+#: The orthogonal planes of a 3D volume: name and the array axis (z, y, x order) held fixed.
+PLANES_3D = (("axial", 0), ("coronal", 1), ("sagittal", 2))
+
+
+def plane_slice(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
+    """The 2D slice ``index`` of a 3D array across array ``axis``."""
+    return np.take(volume, index, axis=axis)
+
+
+def field_plane(voxel_field: np.ndarray, axis: int, index: int) -> np.ndarray:
+    """In-plane voxel displacement ``[2, h, w]`` (components along plane columns, rows) of a
+    3D field ``[3, z, y, x]`` on the slice ``index`` across array ``axis``."""
+    in_plane = [component for component in range(3) if component != 2 - axis]  # components are x, y, z
+    return np.take(voxel_field, index, axis=axis + 1)[in_plane]
+
+
 def _planes(volume: np.ndarray) -> list[tuple[str, np.ndarray]]:
     """2D images of an array: itself in 2D, three orthogonal mid-slices in 3D."""
     if volume.ndim == 2:
         return [("", volume)]
-    z, y, x = (n // 2 for n in volume.shape)
-    return [("axial", volume[z]), ("coronal", volume[:, y]), ("sagittal", volume[:, :, x])]
+    return [(name, plane_slice(volume, axis, volume.shape[axis] // 2)) for name, axis in PLANES_3D]
 
 
 def _field_planes(voxel_field: np.ndarray) -> list[np.ndarray]:
-    """In-plane voxel displacement ``[2, h, w]`` (components along plane columns, rows)."""
+    """In-plane voxel displacement ``[2, h, w]`` of each plane of :func:`_planes`."""
     if voxel_field.shape[0] == 2:
         return [voxel_field]
-    z, y, x = (n // 2 for n in voxel_field.shape[1:])
-    return [
-        voxel_field[[0, 1]][:, z],
-        voxel_field[[0, 2]][:, :, y],
-        voxel_field[[1, 2]][:, :, :, x],
-    ]
+    return [field_plane(voxel_field, axis, voxel_field.shape[axis + 1] // 2) for _, axis in PLANES_3D]
 
 
-def _draw_grid(ax: plt.Axes, plane_field: np.ndarray, lines: int = 24) -> None:
+def grid_lines(plane_field: np.ndarray, lines: int = 24) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Polylines ``(columns, rows)`` in voxels of a regular grid of the plane moved by its
+    in-plane displacement ``[2, h, w]``: about ``lines`` lines across the shorter side."""
     h, w = plane_field.shape[1:]
     step = max(1, min(h, w) // lines)
     rows, cols = np.mgrid[0:h, 0:w]
     warped_cols, warped_rows = cols + plane_field[0], rows + plane_field[1]
-    for r in range(0, h, step):
-        ax.plot(warped_cols[r], warped_rows[r], color="yellow", linewidth=0.5)
-    for c in range(0, w, step):
-        ax.plot(warped_cols[:, c], warped_rows[:, c], color="yellow", linewidth=0.5)
+    return ([(warped_cols[r], warped_rows[r]) for r in range(0, h, step)]
+            + [(warped_cols[:, c], warped_rows[:, c]) for c in range(0, w, step)])
 
 
-def save_qc_figure(result: "RegistrationResult", path: str | os.PathLike) -> None:
-    """Write the QC panel of a registration result as a PNG."""
+def _draw_grid(ax: plt.Axes, plane_field: np.ndarray, lines: int = 24) -> None:
+    for cols, rows in grid_lines(plane_field, lines):
+        ax.plot(cols, rows, color="yellow", linewidth=0.5)
+
+
+def jacobian_norm(det: np.ndarray) -> TwoSlopeNorm:
+    """Colour scale of a det J map: centred on 1, from min(0, det J min) to at least 1.5."""
+    return TwoSlopeNorm(1.0, min(0.0, float(det.min())), max(1.5, float(np.abs(det - 1).max()) + 1))
+
+
+def display_images(result: "RegistrationResult") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Fixed, moving (resampled onto the fixed grid) and warped images scaled to [0, 1]."""
     fixed_image, moving_image = result.fixed, result.moving
     moving_on_fixed = moving_image if same_grid(fixed_image, moving_image) else resample_to_fixed(moving_image, fixed_image)
     fixed = normalise(sitk.GetArrayViewFromImage(fixed_image), intensity_range(fixed_image))
     moving = normalise(sitk.GetArrayViewFromImage(moving_on_fixed), intensity_range(moving_image))
     warped = normalise(sitk.GetArrayViewFromImage(result.warped), intensity_range(moving_image))
+    return fixed, moving, warped
+
+
+def save_qc_figure(result: "RegistrationResult", path: str | os.PathLike) -> None:
+    """Write the QC panel of a registration result as a PNG."""
+    fixed, moving, warped = display_images(result)
     det = sitk.GetArrayViewFromImage(result.jacobian)
     field_planes = _field_planes(voxel_displacement_from_image(result.displacement))
 
@@ -65,7 +91,6 @@ def save_qc_figure(result: "RegistrationResult", path: str | os.PathLike) -> Non
     planes = list(zip(_planes(moving), _planes(fixed), _planes(warped), _planes(det), field_planes))
     fig, axes = plt.subplots(len(planes), len(columns), figsize=(2.6 * len(columns), 2.8 * len(planes)), squeeze=False)
     origin = "upper" if fixed.ndim == 2 else "lower"  # 3D: superior / anterior up
-    det_limit = max(1.5, float(np.abs(det - 1).max()) + 1)
     for row, ((name, m), (_, f), (_, w), (_, d), plane_field) in enumerate(planes):
         panels = [m, f, w, np.abs(f - m), np.abs(f - w)]
         for col, panel in enumerate(panels):
@@ -74,7 +99,7 @@ def save_qc_figure(result: "RegistrationResult", path: str | os.PathLike) -> Non
         _draw_grid(axes[row, 5], plane_field)
         axes[row, 5].set_xlim(-0.5, f.shape[1] - 0.5)
         axes[row, 5].set_ylim(*((f.shape[0] - 0.5, -0.5) if origin == "upper" else (-0.5, f.shape[0] - 0.5)))
-        shown = axes[row, 6].imshow(d, cmap="RdBu_r", norm=TwoSlopeNorm(1.0, min(0.0, float(d.min())), det_limit), origin=origin)
+        shown = axes[row, 6].imshow(d, cmap="RdBu_r", norm=jacobian_norm(det), origin=origin)
         fig.colorbar(shown, ax=axes[row, 6], fraction=0.046, pad=0.04)
         if np.any(d <= 0):
             axes[row, 6].contour(d <= 0, levels=[0.5], colors="black", linewidths=0.6)
