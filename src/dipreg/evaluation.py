@@ -425,34 +425,34 @@ def evaluate(
                 "pairs_csv": str(Path(pairs_csv).resolve()), "dipreg_version": __version__}
     key_settings = {name: settings[name] for name in ("method", "preset", "options", "channel", "dipreg_version")}
     keys = {spec.id: pair_key(spec, key_settings) for spec in specs}
-    ledger = Ledger(outdir)
-    todo = [spec for spec in specs
-            if force or not ledger.finished(spec.id, keys[spec.id], outdir / "pairs" / spec.id)]
-
-    def current_rows() -> list[dict[str, Any]]:
-        records = (ledger.latest.get(spec.id) for spec in specs)
-        return [record["row"] for spec, record in zip(specs, records) if record and record["key"] == keys[spec.id]]
-
-    progress = tqdm(total=len(specs), initial=len(specs) - len(todo), unit="pair", disable=quiet, file=sys.stderr,
-                    dynamic_ncols=True)
-
-    def finish(spec: PairSpec, row: dict[str, Any] | None, error: str | None) -> None:
-        if row is None:
-            row = {"id": spec.id, "fixed": str(spec.fixed), "moving": str(spec.moving), "method": method,
-                   "error": error}
-        ledger.append(spec.id, keys[spec.id], row, {} if "error" in row else folder_files(outdir / "pairs" / spec.id))
-        summary = _write_tables(outdir, current_rows(), len(specs), settings)
-        progress.set_postfix(done=summary["n_done"], failed=summary["n_failed"], remaining=summary["n_remaining"],
-                             refresh=False)
-        progress.update()
-        if not quiet:
-            progress.write(_pair_line(row), file=sys.stderr)
-
     task = functools.partial(evaluate_pair, outdir=outdir, method=method, preset=preset, channel=channel,
                              options=options)
-    with progress:
-        run_tasks(task, todo, finish, workers or 1, scheduler, names=lambda spec: spec.id)
-    summary = _write_tables(outdir, current_rows(), len(specs), settings)
+    ledger = Ledger(outdir)
+    with ledger.locked(outdir / "pairs"):
+        todo = [spec for spec in specs
+                if force or not ledger.finished(spec.id, keys[spec.id], outdir / "pairs" / spec.id)]
+
+        def current_rows() -> list[dict[str, Any]]:
+            records = (ledger.latest.get(spec.id) for spec in specs)
+            return [record["row"] for spec, record in zip(specs, records) if record and record["key"] == keys[spec.id]]
+
+        def finish(spec: PairSpec, row: dict[str, Any] | None, error: str | None) -> None:
+            if row is None:
+                row = {"id": spec.id, "fixed": str(spec.fixed), "moving": str(spec.moving), "method": method,
+                       "error": error}
+            ledger.append(spec.id, keys[spec.id], row,
+                          {} if "error" in row else folder_files(outdir / "pairs" / spec.id))
+            summary = _write_tables(outdir, current_rows(), len(specs), settings)
+            progress.set_postfix(done=summary["n_done"], failed=summary["n_failed"],
+                                 remaining=summary["n_remaining"], refresh=False)
+            progress.update()
+            if not quiet:
+                progress.write(_pair_line(row), file=sys.stderr)
+
+        with tqdm(total=len(specs), initial=len(specs) - len(todo), unit="pair", disable=quiet, file=sys.stderr,
+                  dynamic_ncols=True) as progress:
+            run_tasks(task, todo, finish, workers or 1, scheduler, names=lambda spec: spec.id)
+        summary = _write_tables(outdir, current_rows(), len(specs), settings)
     if not quiet:
         print(summary["table"])
         skipped = f" ({len(specs) - len(todo)} already done before)" if len(todo) < len(specs) else ""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -21,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator
+
+from dipreg.errors import DipregError
 
 LEDGER_NAME = "ledger.jsonl"
 
@@ -59,11 +62,14 @@ def folder_files(folder: Path) -> dict[str, int]:
 
 
 class Ledger:
-    """The append-only record of finished pairs in ``OUTDIR/ledger.jsonl``."""
+    """The append-only record of finished pairs in ``OUTDIR/ledger.jsonl``.
+
+    ``latest`` (the last record per pair id) is read when :meth:`locked` takes the folder.
+    """
 
     def __init__(self, outdir: str | os.PathLike) -> None:
         self.path = Path(outdir) / LEDGER_NAME
-        self.latest = self._read()
+        self.latest: dict[str, dict[str, Any]] = {}
 
     def _read(self) -> dict[str, dict[str, Any]]:
         """The last record of every pair id (lines that do not parse, e.g. torn by a kill, are skipped)."""
@@ -94,6 +100,25 @@ class Ledger:
             os.fsync(handle.fileno())
         self.latest[pair_id] = record
         return record
+
+    @contextlib.contextmanager
+    def locked(self, staging_parent: Path) -> Iterator[None]:
+        """Hold the output folder for one run, after removing what a killed run left staged
+        (hidden folders in ``staging_parent``, see :func:`staged_directory`).
+
+        Raises:
+            DipregError: if another run holds it.
+        """
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.parent / ".lock", "w") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise DipregError(f"{self.path.parent}: another run is writing to this folder") from None
+            for leftover in staging_parent.glob(".*"):
+                shutil.rmtree(leftover, ignore_errors=True)
+            self.latest = self._read()
+            yield
 
     def finished(self, pair_id: str, key: str, folder: Path) -> dict[str, Any] | None:
         """The record of a pair that succeeded with ``key`` and whose files in ``folder`` are all
