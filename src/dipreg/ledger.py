@@ -61,6 +61,11 @@ def folder_files(folder: Path) -> dict[str, int]:
     return {item.name: item.stat().st_size for item in sorted(folder.iterdir()) if item.is_file()}
 
 
+def _plain(value: Any) -> Any:
+    """JSON for what ``json`` cannot write: numpy scalars as numbers, anything else as text."""
+    return value.item() if hasattr(value, "item") else str(value)
+
+
 class Ledger:
     """The append-only record of finished pairs in ``OUTDIR/ledger.jsonl``.
 
@@ -88,7 +93,7 @@ class Ledger:
         """Record a finished pair (``row`` with an ``error`` for a failure) and sync it to disk."""
         record = {"id": pair_id, "key": key, "ok": "error" not in row, "finished": time.time(),
                   "files": files, "row": row}
-        line = json.dumps(record, default=str) + "\n"
+        line = json.dumps(record, default=_plain) + "\n"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a+b") as handle:
             if handle.tell() > 0:  # a line torn by a crash must not swallow this one
