@@ -11,7 +11,6 @@ import tempfile
 from importlib import resources
 from pathlib import Path
 
-import SimpleITK as sitk
 
 from dipreg import __version__
 from dipreg.errors import DipregError

@@ -26,21 +26,25 @@ import argparse
 import contextlib
 import csv
 import functools
+import io
 import json
 import math
 import os
 import statistics
+import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
-import numpy as np
 import SimpleITK as sitk
+from tqdm import tqdm
 
 from dipreg import __version__
 from dipreg.errors import DipregError
+from dipreg.execution import describe_error, run_tasks
 from dipreg.images import INTERPOLATORS, label_map_on, read_displacement, same_grid
 from dipreg.landmarks import read_landmarks
+from dipreg.ledger import Ledger, folder_files, pair_key, staged_directory, write_text_atomic
 from dipreg.metric_catalogue import METRICS
 from dipreg.options import METHODS
 
@@ -59,7 +63,10 @@ DISPLAY = {key: (METRICS[key].heading, METRICS[key].decimals) for key in (
     *METRIC_COLUMNS, "dice_mean", "mask_dice", "epe_mm", "tre_before_mean_mm", "tre_after_mean_mm", "peak_memory_mb")}
 
 #: Subcommands added by :func:`add_evaluation_commands`.
-EVALUATION_COMMANDS = ("evaluate", "compare")
+EVALUATION_COMMANDS = ("evaluate", "batch", "compare")
+
+#: Exit status of ``dipreg evaluate`` and ``dipreg batch`` when some pairs failed.
+EXIT_SOME_FAILED = 3
 
 SSIM_DEFINITION = f"SSIM: {METRICS['ssim'].definition}"
 STD_DEFINITION = "sample standard deviation across pairs (ddof=1)"
@@ -95,14 +102,16 @@ def read_pairs(pairs_csv: str | os.PathLike) -> list[PairSpec]:
     """Parse and check a PAIRS.csv (see the module documentation for its columns).
 
     Raises:
-        DipregError: naming the row (and line) of the first problem: a missing or unknown
-            column, an empty required cell, a missing file, a bad channel, a label or mask
-            given for one image only, or a duplicate id.
+        DipregError: a missing or unknown column; or, naming every bad row (and its line) at
+            once, one line each: an empty required cell, a missing file, a bad channel, a label
+            or mask given for one image only, too many cells, or a duplicate id.
     """
     pairs_csv = Path(pairs_csv)
     if not pairs_csv.is_file():
         raise DipregError(f"{pairs_csv}: file not found")
     base = pairs_csv.parent
+    specs: list[PairSpec] = []
+    problems: list[str] = []
     with open(pairs_csv, newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         header = [name.strip() for name in reader.fieldnames or []]
@@ -113,22 +122,29 @@ def read_pairs(pairs_csv: str | os.PathLike) -> list[PairSpec]:
         if unknown:
             raise DipregError(f"{pairs_csv}: unknown column(s) {', '.join(unknown)}; known: {', '.join(COLUMNS)}")
         reader.fieldnames = header
-        specs: list[PairSpec] = []
         for number, record in enumerate(reader, start=1):
             where = f"{pairs_csv}: row {number} (line {reader.line_num})"
             if None in record:
-                raise DipregError(f"{where}: more cells than columns")
+                problems.append(f"{where}: more cells than columns")
+                continue
             values = {name: (value or "").strip() for name, value in record.items()}
             if not any(values.values()):
                 continue
-            specs.append(_pair_spec(number, values, base, where))
-    if not specs:
+            try:
+                specs.append(_pair_spec(number, values, base, where))
+            except DipregError as exc:
+                problems.append(str(exc))
+    if not specs and not problems:
         raise DipregError(f"{pairs_csv}: no pairs listed")
     seen: dict[str, int] = {}
     for spec in specs:
         if spec.id in seen:
-            raise DipregError(f"{pairs_csv}: row {spec.row}: id {spec.id!r} already used by row {seen[spec.id]}")
-        seen[spec.id] = spec.row
+            problems.append(f"{pairs_csv}: row {spec.row}: id {spec.id!r} already used by row {seen[spec.id]}")
+        seen.setdefault(spec.id, spec.row)
+    if len(problems) > 1:
+        raise DipregError(f"{len(problems)} bad rows in {pairs_csv} (nothing was run):\n" + "\n".join(problems))
+    if problems:
+        raise DipregError(problems[0])
     return specs
 
 
@@ -223,9 +239,10 @@ def evaluate_pair(spec: PairSpec, outdir: Path, method: str, preset: str | None 
         fixed, moving = load_pair(spec.fixed, spec.moving, channel, spec.fixed_channel, spec.moving_channel)
         result = run_method(method, fixed, moving, preset, initial_transform=spec.initial_transform, **(options or {}))
         scores = score_pair(spec, result, notes, label_interpolation)
-        result.save(outdir / "pairs" / spec.id)
+        with staged_directory(outdir / "pairs" / spec.id) as pair_dir:
+            result.save(pair_dir)
     except (DipregError, RuntimeError) as exc:
-        row["error"] = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        row["error"] = describe_error(exc)
         return row
     row.update({key: result.metrics[key] for key in METRIC_COLUMNS})
     row.update(scores)
@@ -284,7 +301,7 @@ def format_table(summary: dict[str, Any]) -> str:
     for key in DISPLAY:
         order += label_keys if key == "dice_mean" else []
         order.append(key)
-    lines = [f"{summary['method']}: {summary['n_pairs'] - summary['n_failed']} of {summary['n_pairs']} pairs "
+    lines = [f"{summary['method']}: {summary['n_done']} of {summary['n_pairs']} pairs "
              f"({SSIM_DEFINITION}; ± is the {STD_DEFINITION})"]
     for key in order:
         if stats.get(key, {}).get("n"):
@@ -311,31 +328,6 @@ def thread_limit(threads: int) -> Iterator[None]:
                 os.environ[name] = value
 
 
-def _map_pairs(task: Callable[[PairSpec], dict[str, Any]], specs: list[PairSpec], workers: int | None,
-               report: Callable[[dict[str, Any]], None]) -> list[dict[str, Any]]:
-    """Run ``task`` on every pair: one after another, or on a Dask LocalCluster of ``workers`` processes."""
-    if not workers or workers <= 1:
-        rows = []
-        for spec in specs:
-            rows.append(task(spec))
-            report(rows[-1])
-        return rows
-    try:
-        from dask.distributed import Client, LocalCluster, as_completed
-    except ImportError:
-        raise DipregError("--workers needs Dask: pip install 'dipreg[batch]'") from None
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    with thread_limit(threads), LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                              dashboard_address=None) as cluster, Client(cluster) as client:
-        futures = client.map(task, specs, pure=False)
-        by_id = {}
-        for future in as_completed(futures):
-            row = future.result()
-            by_id[row["id"]] = row
-            report(row)
-    return [by_id[spec.id] for spec in specs]
-
-
 def _pair_metrics(outdir: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """metrics.json of the first pair that succeeded (empty if none did)."""
     for row in rows:
@@ -344,11 +336,43 @@ def _pair_metrics(outdir: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {}
 
 
-def _write_results(rows: list[dict[str, Any]], path: Path) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=_result_columns(rows))
-        writer.writeheader()
-        writer.writerows(rows)
+def _csv_text(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return text.getvalue()
+
+
+def _write_tables(outdir: Path, rows: list[dict[str, Any]], n_pairs: int, settings: dict[str, Any]) -> dict[str, Any]:
+    """Write results.csv, failures.csv and summary.json (each atomically) from the finished rows."""
+    write_text_atomic(outdir / "results.csv", _csv_text(rows, _result_columns(rows)))
+    failed = [row for row in rows if "error" in row]
+    write_text_atomic(outdir / "failures.csv", _csv_text(failed, ["id", "fixed", "moving", "error"]))
+    summary = {
+        **settings,
+        "n_pairs": n_pairs,
+        "n_done": len(rows) - len(failed),
+        "n_failed": len(failed),
+        "n_remaining": n_pairs - len(rows),
+        "failed": [{"id": row["id"], "error": row["error"]} for row in failed],
+        "metrics": summarise(rows),
+        "ssim_definition": SSIM_DEFINITION,
+        "std_definition": STD_DEFINITION,
+        "seconds_definition": "wall clock of the method on one pair, including warping and metrics",
+        "peak_memory_definition": _pair_metrics(outdir, rows).get("peak_memory_definition"),
+    }
+    summary["table"] = format_table(summary)
+    write_text_atomic(outdir / "summary.json", json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def _pair_line(row: dict[str, Any]) -> str:
+    if "error" in row:
+        return f"{row['id']}: FAILED: {row['error']}"
+    extra = "".join(f" {key} {row[key]:.3f}" for key in ("dice_mean", "epe_mm") if key in row)
+    return (f"{row['id']}: SSIM {row['ssim']:.3f} folding {row['folding_percent']:.3f} % "
+            f"SDlogJ {row['sdlogj']:.3f}{extra} ({row['seconds']:.1f} s)")
 
 
 def evaluate(
@@ -359,30 +383,37 @@ def evaluate(
     channel: int | None = None,
     workers: int | None = None,
     quiet: bool = False,
+    scheduler: str | None = None,
+    force: bool = False,
     label_interpolation: str = "label",
     **options: Any,
 ) -> dict[str, Any]:
     """Run one method on every pair of a PAIRS.csv and write per-pair outputs and a summary.
 
     Writes ``outdir/pairs/<id>/`` (the files of ``dipreg register``, plus
-    ``warped_labels.nii.gz`` when labels are given), ``outdir/results.csv`` (one row per
-    pair) and ``outdir/summary.json``, and prints the summary table unless ``quiet``.
+    ``warped_labels.nii.gz`` when labels are given; each folder appears whole), and after
+    every pair ``outdir/ledger.jsonl`` (one line per finished pair, see :mod:`dipreg.ledger`),
+    ``outdir/results.csv`` (one row per finished pair), ``outdir/failures.csv`` and
+    ``outdir/summary.json``. A rerun skips the pairs the ledger records as done with the same
+    options and unchanged inputs. Prints a progress bar and the summary table unless ``quiet``.
 
     Args:
         pairs_csv: the PAIRS.csv (see the module documentation for its columns).
-        outdir: output folder (created; existing files are replaced).
+        outdir: output folder (created; a pair's folder is replaced when it is recomputed).
         method: one of :data:`dipreg.baselines.METHODS`.
         preset: preset of ``dip`` / ``classic`` (default: their own).
         channel: channel of multi-channel images, unless the CSV gives one per image.
-        workers: pairs run in parallel on a Dask LocalCluster (``dipreg[batch]``); one
-            at a time when None or 1.
+        workers: pairs run at once on a local Dask cluster (``dipreg[batch]``); one at a
+            time in this process when None or 1.
         quiet: print nothing.
+        scheduler: address of a running Dask scheduler to run the pairs on instead.
+        force: recompute every pair, even those the ledger records as done.
         label_interpolation: how moving labels are warped: ``label`` (label-linear),
             ``nearest`` or ``linear``.
         **options: registration options of ``dip`` and ``classic``.
 
     Returns:
-        The summary (as written to summary.json).
+        The summary (as written to summary.json); ``n_failed`` counts the failed pairs.
 
     Raises:
         DipregError: for a bad PAIRS.csv, method or option (before anything runs).
@@ -393,84 +424,99 @@ def evaluate(
     specs = read_pairs(pairs_csv)
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    done = [0]
-
-    def report(row: dict[str, Any]) -> None:
-        done[0] += 1
-        if quiet:
-            return
-        if "error" in row:
-            print(f"[{done[0]}/{len(specs)}] {row['id']}: FAILED: {row['error']}", flush=True)
-        else:
-            extra = "".join(f" {key} {row[key]:.3f}" for key in ("dice_mean", "epe_mm") if key in row)
-            print(f"[{done[0]}/{len(specs)}] {row['id']}: SSIM {row['ssim']:.3f} folding {row['folding_percent']:.3f} % "
-                  f"SDlogJ {row['sdlogj']:.3f}{extra} ({row['seconds']:.1f} s)", flush=True)
-
+    settings = {"method": method, "preset": preset, "options": options, "channel": channel,
+                "label_interpolation": label_interpolation, "pairs_csv": str(Path(pairs_csv).resolve()),
+                "dipreg_version": __version__}
+    key_settings = {name: settings[name] for name in ("method", "preset", "options", "channel", "label_interpolation",
+                                                      "dipreg_version")}
+    keys = {spec.id: pair_key(spec, key_settings) for spec in specs}
     task = functools.partial(evaluate_pair, outdir=outdir, method=method, preset=preset, channel=channel,
                              options=options, label_interpolation=label_interpolation)
-    rows = _map_pairs(task, specs, workers, report)
-    _write_results(rows, outdir / "results.csv")
-    failed = [{"id": row["id"], "error": row["error"]} for row in rows if "error" in row]
-    summary = {
-        "method": method,
-        "preset": preset,
-        "options": options,
-        "label_interpolation": label_interpolation,
-        "pairs_csv": str(Path(pairs_csv).resolve()),
-        "channel": channel,
-        "n_pairs": len(rows),
-        "n_failed": len(failed),
-        "failed": failed,
-        "metrics": summarise(rows),
-        "ssim_definition": SSIM_DEFINITION,
-        "std_definition": STD_DEFINITION,
-        "seconds_definition": "wall clock of the method on one pair, including warping and metrics",
-        "peak_memory_definition": _pair_metrics(outdir, rows).get("peak_memory_definition"),
-        "dipreg_version": __version__,
-    }
-    summary["table"] = format_table(summary)
-    (outdir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    ledger = Ledger(outdir)
+    with ledger.locked(outdir / "pairs"):
+        todo = [spec for spec in specs
+                if force or not ledger.finished(spec.id, keys[spec.id], outdir / "pairs" / spec.id)]
+
+        def current_rows() -> list[dict[str, Any]]:
+            records = (ledger.latest.get(spec.id) for spec in specs)
+            return [record["row"] for spec, record in zip(specs, records) if record and record["key"] == keys[spec.id]]
+
+        def finish(spec: PairSpec, row: dict[str, Any] | None, error: str | None) -> None:
+            if row is None:
+                row = {"id": spec.id, "fixed": str(spec.fixed), "moving": str(spec.moving), "method": method,
+                       "error": error}
+            ledger.append(spec.id, keys[spec.id], row,
+                          {} if "error" in row else folder_files(outdir / "pairs" / spec.id))
+            summary = _write_tables(outdir, current_rows(), len(specs), settings)
+            progress.set_postfix(done=summary["n_done"], failed=summary["n_failed"],
+                                 remaining=summary["n_remaining"], refresh=False)
+            progress.update()
+            if not quiet:
+                progress.write(_pair_line(row), file=sys.stderr)
+
+        with tqdm(total=len(specs), initial=len(specs) - len(todo), unit="pair", disable=quiet, file=sys.stderr,
+                  dynamic_ncols=True) as progress:
+            run_tasks(task, todo, finish, workers or 1, scheduler, names=lambda spec: spec.id)
+        summary = _write_tables(outdir, current_rows(), len(specs), settings)
     if not quiet:
         print(summary["table"])
-        if failed:
-            print(f"{len(failed)} pair(s) failed: " + ", ".join(item["id"] for item in failed))
-        print(f"wrote {outdir / 'results.csv'} and {outdir / 'summary.json'}")
+        skipped = f" ({len(specs) - len(todo)} already done before)" if len(todo) < len(specs) else ""
+        failures = f", see {outdir / 'failures.csv'}" if summary["n_failed"] else ""
+        print(f"{summary['n_done']} of {len(specs)} pairs done{skipped}, {summary['n_failed']} failed{failures}")
     return summary
 
 
-def add_evaluation_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``dipreg evaluate`` and ``dipreg compare`` to the ``dipreg`` command's subparsers."""
+def _add_batch_options(parser: argparse.ArgumentParser) -> None:
+    """Arguments shared by ``dipreg evaluate`` and ``dipreg batch``."""
     from dipreg.cli import add_registration_options  # dipreg.cli imports this module
 
+    parser.add_argument("pairs", type=Path, help="PAIRS.csv")
+    parser.add_argument("-o", "--output", required=True, type=Path,
+                        help="output folder (created; a rerun skips the pairs already done there)")
+    add_registration_options(parser)
+    parser.set_defaults(preset=None)
+    parser.add_argument("--channel", type=int, default=None,
+                        help="channel of multi-channel images unless the CSV gives fixed_channel/moving_channel "
+                        "(e.g. 1 = FLAIR in the TCGA-LGG TIFFs) (default: none)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--workers", type=int, default=1,
+                       help="pairs at once: 1 runs them in this process; more starts a local Dask cluster of that "
+                       "many worker processes, each with cores/N threads (needs dipreg[batch]) (default: %(default)s)")
+    where.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                       help="run the pairs on a running Dask cluster, e.g. tcp://host:8786; its workers must see "
+                       "the same paths (default: none)")
+    parser.add_argument("--force", action="store_true",
+                        help="recompute every pair, also those already done with the same options (default: off)")
+    parser.add_argument("--label-interpolation", choices=list(INTERPOLATORS), default="label",
+                        help="how moving labels are warped for Dice: label (label-linear, ANTs' genericLabel), "
+                        "nearest or linear (default: %(default)s)")
+    parser.add_argument("--quiet", action="store_true", help="print nothing (default: off)")
+
+
+def add_evaluation_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``dipreg evaluate``, ``dipreg batch`` and ``dipreg compare`` to the ``dipreg`` command's subparsers."""
+    outputs = ("Writes OUTPUT/pairs/<id>/ (the files of dipreg register), and after every pair OUTPUT/ledger.jsonl, "
+               "OUTPUT/results.csv, OUTPUT/failures.csv and OUTPUT/summary.json. A rerun skips the pairs already done "
+               "with the same options and inputs. Exit status 0 if every pair succeeded, 3 if some failed.")
+    columns = ("PAIRS.csv has columns fixed,moving; optional fixed_labels,moving_labels, fixed_mask,moving_mask, "
+               "fixed_channel,moving_channel, true_displacement, initial_transform, fixed_landmarks,moving_landmarks, "
+               "id; paths relative to the CSV.")
     evaluate_parser = subparsers.add_parser(
         "evaluate", conflict_handler="resolve",
         help="run one method on every pair of a PAIRS.csv; write per-pair outputs, results.csv, summary.json",
-        description="Run METHOD on every pair of PAIRS.csv (columns fixed,moving; optional fixed_labels,moving_labels, "
-        "fixed_mask,moving_mask, fixed_channel,moving_channel, true_displacement, initial_transform, "
-        "fixed_landmarks,moving_landmarks, id; paths "
-        "relative to the CSV). "
-        "Writes OUTPUT/pairs/<id>/ (the files of dipreg register), OUTPUT/results.csv and OUTPUT/summary.json, "
-        "and prints mean ± std per metric. --preset defaults to the method's own (default for dip, classic "
-        "for classic); registration options apply to dip and classic only.")
-    evaluate_parser.add_argument("pairs", type=Path, help="PAIRS.csv")
-    evaluate_parser.add_argument("-o", "--output", required=True, type=Path,
-                                 help="output folder (created; files in it are replaced)")
-    add_registration_options(evaluate_parser)
-    evaluate_parser.set_defaults(preset=None)
+        description=f"Run METHOD on every pair of PAIRS.csv and print mean ± std per metric. {columns} {outputs} "
+        "--preset defaults to the method's own (default for dip, classic for classic); registration options apply "
+        "to dip and classic only.")
+    _add_batch_options(evaluate_parser)
     evaluate_parser.add_argument("--method", choices=METHODS, default="dip",
                                  help="dip (dipreg), classic (free field, Eq. 1), itk (SimpleITK affine + displacement "
                                  "field), ants (ANTsPy SyN, needs dipreg[ants]), identity (no registration) "
                                  "(default: %(default)s)")
-    evaluate_parser.add_argument("--channel", type=int, default=None,
-                                 help="channel of multi-channel images unless the CSV gives fixed_channel/moving_channel "
-                                 "(e.g. 1 = FLAIR in the TCGA-LGG TIFFs) (default: none)")
-    evaluate_parser.add_argument("--workers", type=int, default=None,
-                                 help="run this many pairs at once on a Dask LocalCluster (needs dipreg[batch]) "
-                                 "(default: one pair at a time)")
-    evaluate_parser.add_argument("--label-interpolation", choices=list(INTERPOLATORS), default="label",
-                                 help="how moving labels are warped for Dice: label (label-linear, ANTs' genericLabel), "
-                                 "nearest or linear (default: %(default)s)")
-    evaluate_parser.add_argument("--quiet", action="store_true", help="print nothing (default: off)")
+    batch_parser = subparsers.add_parser(
+        "batch", conflict_handler="resolve",
+        help="register every pair of a PAIRS.csv, resumably, in parallel or on a Dask cluster",
+        description=f"Register every pair of PAIRS.csv with dipreg, scoring what the CSV provides. {columns} {outputs}")
+    _add_batch_options(batch_parser)
 
     compare_parser = subparsers.add_parser(
         "compare", help="compare evaluate outputs: box plots, paired table, index.html",
@@ -482,15 +528,16 @@ def add_evaluation_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_evaluation_command(args: argparse.Namespace) -> int:
-    """Run ``dipreg evaluate`` or ``dipreg compare`` from parsed arguments; returns the exit status."""
-    if args.command == "evaluate":
+    """Run ``dipreg evaluate``, ``batch`` or ``compare`` from parsed arguments; returns the exit status."""
+    if args.command in ("evaluate", "batch"):
         from dipreg.cli import registration_options  # dipreg.cli imports this module
 
         options = registration_options(args)
         options.pop("method", None)
-        summary = evaluate(args.pairs, args.output, args.method, args.preset, args.channel, args.workers,
-                           args.quiet, args.label_interpolation, **options)
-        return 1 if summary["n_failed"] else 0
+        summary = evaluate(args.pairs, args.output, args.method or "dip", args.preset, args.channel,
+                           args.workers, args.quiet, args.scheduler, args.force,
+                           label_interpolation=args.label_interpolation, **options)
+        return EXIT_SOME_FAILED if summary["n_failed"] else 0
     from dipreg.comparison import compare
 
     index = compare(args.outdirs, args.output)

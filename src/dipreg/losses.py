@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 SimilarityLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
