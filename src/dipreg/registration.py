@@ -225,7 +225,10 @@ def register(
     """
     config = make_config(preset, **options)
     # From the fixed image's header (the grid of the whole run), before any voxel is read.
-    check_memory(image_shape(fixed, fixed_channel if fixed_channel is not None else channel), config)
+    try:
+        check_memory(image_shape(fixed, fixed_channel if fixed_channel is not None else channel), config)
+    except DipregError as exc:
+        raise DipregError(f"{input_name(fixed, 'fixed image')}: {exc}") from None
     fixed_image, moving_image = load_pair(fixed, moving, channel, fixed_channel, moving_channel, spacing)
     initial = load_initial_transform(initial_transform, fixed_image.GetDimension())
     header_aligned = (moving_image if same_grid(fixed_image, moving_image)
@@ -242,13 +245,14 @@ def register(
         grid, config, progress=progress, callback=callback,
     )
 
-    # Before registering: the headers alone, then after the affine stage (None when skipped).
+    def similarity(moving01: np.ndarray) -> dict[str, float]:
+        return {"ssim": ssim(fixed01, moving01), "ncc": ncc(fixed01, moving01)}
+
+    # Before registering: with the headers alone, and after the affine stage (None when skipped).
     before = {
-        "identity": normalise(sitk.GetArrayViewFromImage(header_aligned), intensity_range(moving_image)),
-        "affine": None if outcome.affine_warped is None else outcome.affine_warped[0, 0].numpy(),
+        "identity": similarity(normalise(sitk.GetArrayViewFromImage(header_aligned), intensity_range(moving_image))),
+        "affine": None if outcome.affine_warped is None else similarity(outcome.affine_warped[0, 0].numpy()),
     }
-    before = {stage: None if moving01 is None else {"ssim": ssim(fixed01, moving01), "ncc": ncc(fixed01, moving01)}
-              for stage, moving01 in before.items()}
     world = grid.normalized_to_world(outcome.displacement.double())[0].numpy()
     info = {
         "method": config.method,
