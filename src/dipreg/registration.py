@@ -221,7 +221,11 @@ def register(
         A :class:`RegistrationResult`; ``result.save(outdir)`` writes the standard files.
 
     Raises:
-        DipregError: for unusable inputs or a diverging optimisation.
+        DipregError: for unusable inputs or a diverging optimisation. In this order, before the
+            optimisation starts: an option outside its allowed values, the memory needed
+            (estimated from the fixed image's header), unreadable or broken images, images
+            that do not overlap, and a moving image that on the fixed grid covers too little
+            of the fixed foreground or is constant (see :func:`dipreg.images.check_moving_on_fixed`).
     """
     config = make_config(preset, **options)
     # From the fixed image's header (the grid of the whole run), before any voxel is read.
