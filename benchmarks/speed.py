@@ -50,7 +50,7 @@ import SimpleITK as sitk
 import torch
 
 import dipreg
-from dipreg.cli import read_displacement
+from dipreg.images import read_displacement
 from dipreg.engine import make_config
 from dipreg.evaluation import PairSpec, score_pair, thread_limit, read_pairs
 from dipreg.images import write_image

@@ -1,6 +1,7 @@
 """Baseline methods on tiny images: identity, ITK, ANTs, and the dispatcher run_method."""
 
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -68,9 +69,17 @@ def test_missing_ants_gives_a_clear_error(shifted_pair, monkeypatch):
         ants_registration(*shifted_pair)
 
 
-def test_run_method_times_every_method_the_same_way(shifted_pair):
+def test_run_method_times_every_method_the_same_way(shifted_pair, monkeypatch):
+    """The seconds cover the whole call of the method (here made to take at least 0.3 s)."""
+    slow = identity_registration
+
+    def slow_identity(*args):
+        time.sleep(0.3)
+        return slow(*args)
+
+    monkeypatch.setattr("dipreg.baselines.identity_registration", slow_identity)
     result = run_method("identity", *shifted_pair)
-    assert result.metrics["seconds"] >= 0
+    assert 0.3 <= result.metrics["seconds"] < 30
     assert result.metrics["peak_memory_mb"] > 0
     assert "resident set size" in result.metrics["peak_memory_definition"]
 

@@ -9,15 +9,14 @@ import SimpleITK as sitk
 import dipreg
 from dipreg.errors import DipregError
 from dipreg.images import resample_to_reference
-from dipreg.synthetic import (
+from dipreg.synthetic import displacement_endpoint_error, foreground_mask, known_warp_pair, random_displacement
+from dipreg.transforms import (
+    Grid,
     compose_displacements,
-    displacement_endpoint_error,
-    foreground_mask,
+    displacement_image,
+    displacement_transform,
     invert_displacement,
-    known_warp_pair,
-    random_displacement,
 )
-from dipreg.transforms import Grid, displacement_image, displacement_transform
 
 BUNDLED_DATA = Path(dipreg.__file__).parent / "data"
 

@@ -1,13 +1,15 @@
 """Registration methods to compare: dipreg itself and the baselines ITK, ANTs and identity.
 
 Every method returns a :class:`~dipreg.registration.RegistrationResult` built by
-:func:`~dipreg.registration.result_from_displacement` from ONE displacement field on the
-fixed grid, so all methods share the output writer and the metric code.
+:func:`~dipreg.registration.result_from_transform` from its
+:class:`~dipreg.field_transform.FieldTransform` (affine stage, deformable field and its
+inverse), so all methods share the output writer and the metric code.
 :func:`run_method` also measures the wall-clock seconds and the peak memory of the call.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import resource
 import sys
 import tempfile
@@ -19,6 +21,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from dipreg.errors import DipregError
+from dipreg.field_transform import FieldTransform, as_affine
 from dipreg.images import intensity_range, resample_to_fixed, write_image
 from dipreg.options import DEFAULT_PRESETS, METHODS, make_config
 from dipreg.registration import (
@@ -28,8 +31,9 @@ from dipreg.registration import (
     load_initial_transform,
     register,
     result_from_displacement,
+    result_from_transform,
 )
-from dipreg.transforms import Grid, compose_after, displacement_image
+from dipreg.transforms import Grid, displacement_image
 
 _SHRINK_FACTORS = [4, 2, 1]
 _SMOOTHING_SIGMAS = [2.0, 1.0, 0.0]
@@ -60,13 +64,6 @@ PEAK_MEMORY_DEFINITIONS = {
              "call; includes what the process already held, which the identity method shows)",
     "maxrss": "peak resident set size of the process since it started (getrusage ru_maxrss): an upper bound",
 }
-
-
-def _displacement_on_fixed_grid(transform: sitk.Transform, fixed: sitk.Image) -> sitk.Image:
-    converter = sitk.TransformToDisplacementFieldFilter()
-    converter.SetReferenceImage(fixed)
-    converter.SetOutputPixelType(sitk.sitkVectorFloat64)
-    return converter.Execute(transform)
 
 
 def _multi_resolution(method: sitk.ImageRegistrationMethod) -> None:
@@ -133,11 +130,13 @@ def itk_registration(fixed: sitk.Image, moving: sitk.Image, seed: int = 1) -> Re
     method.SetMovingInitialTransform(affine)
     method.SetInitialTransform(deformable, inPlace=True)
     method.Execute(fixed, moving)
-    # ITK composites apply the last transform first: p -> affine(p + u_deformable(p))
-    field = _displacement_on_fixed_grid(sitk.CompositeTransform([affine, deformable]), fixed)
+    # p -> affine(p + u_deformable(p)), the FieldTransform order; the inverse of the displacement
+    # field stage is found by fixed-point iteration.
+    transform = FieldTransform(Grid.from_image(fixed), as_affine(affine), deformable.GetDisplacementField(),
+                               "displacement")
     info = {"method": "itk", "options": {**ITK_SETTINGS, "seed": seed},
             "stop_reason": method.GetOptimizerStopConditionDescription()}
-    return result_from_displacement(fixed, moving, field, info)
+    return result_from_transform(fixed, moving, transform, info)
 
 
 def ants_registration(fixed: sitk.Image, moving: sitk.Image) -> RegistrationResult:
@@ -165,14 +164,18 @@ def ants_registration(fixed: sitk.Image, moving: sitk.Image) -> RegistrationResu
         ants_fixed = ants.image_read(str(Path(tmp, "fixed.nii.gz")))
         ants_moving = ants.image_read(str(Path(tmp, "moving.nii.gz")))
         outcome = ants.registration(ants_fixed, ants_moving, type_of_transform="SyN", outprefix=str(Path(tmp, "syn_")))
-        composed = ants.apply_transforms(ants_fixed, ants_moving, outcome["fwdtransforms"],
-                                         compose=str(Path(tmp, "composed_")))
-        field = sitk.Cast(sitk.ReadImage(composed), sitk.sitkVectorFloat64)
+        # fwdtransforms = [Warp, GenericAffine]: p -> affine(p + warp(p)); InverseWarp inverts the warp.
+        warp_path, affine_path = outcome["fwdtransforms"]
+        inverse_warp_path = outcome["invtransforms"][1]
+        fields = [sitk.Cast(sitk.ReadImage(path), sitk.sitkVectorFloat64) for path in (warp_path, inverse_warp_path)]
+        affine = as_affine(sitk.ReadTransform(affine_path))
         ants.image_write(outcome["warpedmovout"], str(Path(tmp, "warped.nii.gz")))
         ants_warped = sitk.GetArrayFromImage(sitk.ReadImage(str(Path(tmp, "warped.nii.gz"))))
-    field.CopyInformation(fixed)
+    for image in fields:
+        image.CopyInformation(fixed)
+    transform = FieldTransform(Grid.from_image(fixed), affine, fields[0], "displacement", deformable_inverse=fields[1])
     info = {"method": "ants", "options": {"type_of_transform": "SyN", "antspyx": ants.__version__}}
-    result = result_from_displacement(fixed, moving, field, info)
+    result = result_from_transform(fixed, moving, transform, info)
     # Convention check: our field must reproduce ANTs' own warped image.
     low, high = intensity_range(moving)
     difference = np.abs(sitk.GetArrayFromImage(result.warped) - ants_warped).max() / (high - low)
@@ -254,8 +257,9 @@ def run_method(method: str, fixed: sitk.Image, moving: sitk.Image, preset: str |
         start_moving = moving if initial is None else resample_to_fixed(moving, fixed, initial)
         result = _run_baseline(method, fixed, start_moving)
         if initial is not None:
-            composed = result_from_displacement(fixed, moving, compose_after(initial, result.displacement), {})
-            # The run information of the baseline stays; the scores are those of the composed field.
+            # The baseline registered the moving image as seen through the initial transform.
+            composed = result_from_transform(fixed, moving, dataclasses.replace(result.field_transform, initial=initial), {})
+            # The run information of the baseline stays; the scores are those of the composed transform.
             composed.metrics = {**result.metrics, **composed.metrics,
                                 "initial_transform": describe_initial_transform(initial_transform)}
             result = composed

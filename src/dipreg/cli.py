@@ -1,4 +1,4 @@
-"""The ``dipreg`` command line: register, apply, demo."""
+"""The ``dipreg`` command line: register, apply, invert, transform-points, demo, evaluate, compare."""
 
 from __future__ import annotations
 
@@ -16,14 +16,24 @@ import SimpleITK as sitk
 from dipreg import __version__
 from dipreg.errors import DipregError
 from dipreg.evaluation import EVALUATION_COMMANDS, add_evaluation_commands, run_evaluation_command
-from dipreg.images import read_image, read_image_information, read_labels, resample_to_reference, write_image
+from dipreg.images import (
+    INTERPOLATORS,
+    label_map_on,
+    read_displacement,
+    read_image,
+    read_image_information,
+    read_labels,
+    resample_to_reference,
+    write_image,
+)
+from dipreg.landmarks import read_landmarks, write_points
 from dipreg.options import PRESETS, RegistrationConfig, make_config
 from dipreg.outputs import FIELD_DTYPES, check_output_directory
 
 SUMMARY_KEYS = ("ssim", "ncc", "folding_percent", "sdlogj", "jacobian_mean", "iterations", "seconds")
 
 #: Commands that write their output only once complete (an interrupt leaves nothing behind).
-WRITE_WHEN_DONE = ("register", "demo", "apply")
+WRITE_WHEN_DONE = ("register", "demo", "apply", "invert", "transform-points")
 
 
 def _parse_bool(text: str) -> bool:
@@ -87,6 +97,20 @@ def build_parser() -> argparse.ArgumentParser:
                      help="ITK transform file (.tfm/.txt/.mat/.h5) mapping fixed-space points to moving-space points, "
                      "applied before the affine stage, e.g. from another tool when the images' headers disagree "
                      "(default: none); the written displacement field includes it")
+    reg.add_argument("--moving-labels", type=Path, default=None, metavar="FILE",
+                     help="label map of the moving image, warped onto the fixed grid as warped_labels.nii.gz (default: none)")
+    reg.add_argument("--fixed-labels", type=Path, default=None, metavar="FILE",
+                     help="label map of the fixed image: with --moving-labels, Dice per label and the mean go into "
+                     "metrics.json (default: none)")
+    reg.add_argument("--label-interpolation", choices=list(INTERPOLATORS), default="label",
+                     help="how --moving-labels is warped: label (label-linear, ANTs' genericLabel), nearest or linear "
+                     "(default: %(default)s)")
+    reg.add_argument("--fixed-landmarks", type=Path, default=None, metavar="FILE",
+                     help="points in the fixed image: CSV x,y[,z] in LPS mm (header optional) or 3D Slicer .fcsv/.mrk.json "
+                     "(RAS, converted) (default: none)")
+    reg.add_argument("--moving-landmarks", type=Path, default=None, metavar="FILE",
+                     help="the corresponding points in the moving image, same order: target registration error before and "
+                     "after in metrics.json, per point in landmarks.csv (default: none)")
     _add_io_options(reg)
 
     demo = commands.add_parser("demo", help="register the bundled pair of 2D brain slices (ANTs r64 onto r16)")
@@ -99,24 +123,59 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("-o", "--output", required=True, type=Path, help="output image file (e.g. warped_labels.nii.gz)")
     apply.add_argument("--reference", type=Path, default=None, help="grid of the output (default: the displacement field's grid)")
     apply.add_argument("--labels", action="store_true",
-                       help="label map: nearest-neighbour interpolation, pixel type kept (default: off, linear)")
+                       help="IMAGE is a label map: pixel type kept, label-linear interpolation unless --interpolation "
+                       "says otherwise (default: off)")
+    apply.add_argument("--interpolation", choices=list(INTERPOLATORS), default=None,
+                       help="linear, nearest or label (label-linear: per-label linear weights, most likely label) "
+                       "(default: label with --labels, else linear)")
     apply.add_argument("--channel", type=int, default=None,
                        help="channel of a multi-channel image (default: none; the image must have one channel)")
+    invert = commands.add_parser(
+        "invert", help="invert a displacement field (fixed-point iteration) and print the residual",
+        description="Invert DISPLACEMENT (an ITK displacement field, p -> p + u(p)) by fixed-point iteration "
+        "w(q) = -u(q + w(q)). The inverse maps the other image's points back; for dipreg register's output "
+        "inverse_displacement.nii.gz already holds the exact inverse.")
+    invert.add_argument("displacement", type=Path, help="ITK displacement field (.nii.gz, .nrrd, .mha)")
+    invert.add_argument("-o", "--output", required=True, type=Path, help="inverse field file")
+    invert.add_argument("--reference", type=Path, default=None,
+                        help="grid of the inverse, usually the moving image (default: the field's own grid)")
+
+    points = commands.add_parser(
+        "transform-points", help="map points through a saved displacement field",
+        description="Map POINTS through DISPLACEMENT: each point p becomes p + u(p) (ITK TransformPoint of the "
+        "displacement transform). displacement.nii.gz of dipreg register maps fixed-image points to where they "
+        "lie in the moving image; inverse_displacement.nii.gz maps moving-image points to the fixed image.")
+    points.add_argument("displacement", type=Path, help="ITK displacement field")
+    points.add_argument("points", type=Path, help="CSV x,y[,z] in LPS mm (header optional), or 3D Slicer .fcsv/.mrk.json")
+    points.add_argument("-o", "--output", required=True, type=Path, help="output CSV (x,y[,z], LPS mm)")
     add_evaluation_commands(commands)
     return parser
 
 
 def _run_registration(fixed, moving, args: argparse.Namespace) -> int:
+    moving_labels, fixed_labels_path = getattr(args, "moving_labels", None), getattr(args, "fixed_labels", None)
+    if fixed_labels_path and not moving_labels:
+        raise DipregError("--fixed-labels needs --moving-labels")
+    landmark_paths = (getattr(args, "fixed_landmarks", None), getattr(args, "moving_landmarks", None))
+    if any(landmark_paths) and not all(landmark_paths):
+        raise DipregError("give both --fixed-landmarks and --moving-landmarks, or neither")
     # Everything that can be checked from options, headers and the file system, before
     # PyTorch is imported and any voxel is read.
     make_config(args.preset, **registration_options(args))
     for path in (fixed, moving):
         read_image_information(path, args.channel)
+    labels = read_labels(moving_labels) if moving_labels else None
     check_output_directory(args.output)
     from dipreg.registration import register
 
     result = register(fixed, moving, args.preset, channel=args.channel, progress=not args.quiet,
                       initial_transform=getattr(args, "initial_transform", None), **registration_options(args))
+    if labels is not None:
+        fixed_labels = label_map_on(fixed_labels_path, result.fixed)[0] if fixed_labels_path else None
+        result.propagate_labels(labels, fixed_labels, args.label_interpolation)
+    if all(landmark_paths):
+        ndim = result.fixed.GetDimension()
+        result.score_landmarks(*(read_landmarks(path, ndim) for path in landmark_paths))
     result.save(args.output, args.field_dtype)
     if not args.quiet:
         print(json.dumps({k: result.metrics[k] for k in SUMMARY_KEYS}, indent=2))
@@ -135,27 +194,46 @@ def _run_apply(args: argparse.Namespace) -> int:
         if other.GetDimension() != field.GetDimension():
             raise DipregError(f"{path}: image is {other.GetDimension()}D but displacement field "
                               f"{args.displacement} is {field.GetDimension()}D")
-    warped = resample_to_reference(image, reference, displacement_transform(field), labels=args.labels)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=args.output.parent) as staging:
-        staged = Path(staging) / args.output.name
-        write_image(warped, staged)
-        staged.replace(args.output)
+    interpolation = args.interpolation or ("label" if args.labels else "linear")
+    warped = resample_to_reference(image, reference, displacement_transform(field), interpolation=interpolation)
+    _write_atomically(args.output, lambda path: write_image(warped, path))
     return 0
 
 
-def read_displacement(path: Path) -> sitk.Image:
-    """Read an ITK displacement field, with a clear error if the file is not one."""
-    if not path.exists():
-        raise DipregError(f"{path}: file not found")
-    try:
-        field = sitk.ReadImage(str(path))
-    except RuntimeError:
-        raise DipregError(f"{path}: cannot read displacement field") from None
-    if field.GetNumberOfComponentsPerPixel() != field.GetDimension():
-        raise DipregError(f"{path}: not a displacement field ({field.GetNumberOfComponentsPerPixel()} components "
-                          f"in a {field.GetDimension()}D image)")
-    return field
+def _write_atomically(output: Path, write) -> None:
+    """``write(path)`` into a staging directory beside ``output``, then move the file into place."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=output.parent) as staging:
+        staged = Path(staging) / output.name
+        write(staged)
+        staged.replace(output)
+
+
+def _run_invert(args: argparse.Namespace) -> int:
+    from dipreg.transforms import Grid, invert_displacement
+
+    check_output_directory(args.output.parent)
+    field = read_displacement(args.displacement)
+    reference = Grid.from_image(read_image(args.reference)) if args.reference else None
+    if reference is not None and reference.ndim != field.GetDimension():
+        raise DipregError(f"{args.reference}: image is {reference.ndim}D but displacement field "
+                          f"{args.displacement} is {field.GetDimension()}D")
+    inverse, residual = invert_displacement(field, tolerance=1e-3, reference=reference)
+    _write_atomically(args.output, lambda path: write_image(inverse, path))
+    print(f"inverse residual max |w(q) + u(q + w(q))| = {residual:.2e} mm; wrote {args.output}")
+    return 0
+
+
+def _run_transform_points(args: argparse.Namespace) -> int:
+    from dipreg.transforms import displacement_transform
+
+    check_output_directory(args.output.parent)
+    field = read_displacement(args.displacement)
+    points = read_landmarks(args.points, field.GetDimension())
+    transform = displacement_transform(field)
+    mapped = [transform.TransformPoint(point.tolist()) for point in points]
+    _write_atomically(args.output, lambda path: write_points(mapped, path))
+    return 0
 
 
 class _Terminated(KeyboardInterrupt):
@@ -184,6 +262,10 @@ def main(argv: list[str] | None = None) -> int:
                 return _run_registration(fixed, moving, args)
         if args.command == "apply":
             return _run_apply(args)
+        if args.command == "invert":
+            return _run_invert(args)
+        if args.command == "transform-points":
+            return _run_transform_points(args)
         if args.command in EVALUATION_COMMANDS:
             return run_evaluation_command(args)
     except DipregError as exc:

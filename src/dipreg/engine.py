@@ -57,9 +57,22 @@ def resolve_device(name: str) -> torch.device:
 
 @dataclass
 class OptimisationResult:
-    """What the loop produced: the field in normalised units on the image grid, and a log."""
+    """What the loop produced, and a log.
+
+    Attributes:
+        displacement: the composed field ``u_affine + M u_deformable`` in normalised units
+            on the image grid, ``[1, ndim, *shape]``.
+        affine_matrix, affine_translation: the affine stage ``x -> M x + t`` (normalised
+            coordinates; identity without the stage).
+        field: the deformable part as optimised: velocity (``svf``) or displacement, mm in
+            world axes, ``[1, ndim, *field_shape]`` on the coarse field grid that spans the
+            image's extent (see :meth:`Grid.coarser`).
+    """
 
     displacement: torch.Tensor
+    affine_matrix: torch.Tensor
+    affine_translation: torch.Tensor
+    field: torch.Tensor
     loss_history: list[float]
     iterations: int
     seconds: float
@@ -320,7 +333,7 @@ def _optimise(fixed: torch.Tensor, moving: torch.Tensor, grid: Grid, config: Reg
             moving = warp(moving, affine_displacement(matrix, translation, identity), identity)
 
     coarse_shape = field_grid_shape(shape, config.field_resolution)
-    coarse_spacing = [s * (n - 1) / (m - 1) for s, n, m in zip(grid.spacing, grid.size, reversed(coarse_shape))]
+    coarse_spacing = grid.coarser(coarse_shape).spacing
     model = FieldModel(config, ndim, coarse_shape).to(device)
     if config.channels_last and model.network is not None and ndim == 2:
         model.network.to(memory_format=torch.channels_last)
@@ -385,10 +398,14 @@ def _optimise(fixed: torch.Tensor, moving: torch.Tensor, grid: Grid, config: Reg
         bar.close()
 
     with torch.no_grad():
-        deformable = displacement_from(model(final=True), shape)
+        field_mm = model(final=True)
+        deformable = displacement_from(field_mm, shape)
         displacement = affine_displacement(matrix, translation, identity) + torch.einsum("ij,bj...->bi...", matrix, deformable)
     return OptimisationResult(
         displacement=displacement.detach().cpu(),
+        affine_matrix=matrix.detach().cpu(),
+        affine_translation=translation.detach().cpu(),
+        field=field_mm.detach().cpu(),
         loss_history=history,
         iterations=iteration,
         seconds=time.perf_counter() - start,

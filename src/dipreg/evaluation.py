@@ -3,8 +3,11 @@
 PAIRS.csv columns (paths relative to the CSV file):
 
 * ``fixed``, ``moving`` (required): the images.
-* ``fixed_labels``, ``moving_labels``: anatomical label maps; the moving one is warped with
-  nearest neighbour by the same transform and scored by Dice per label and mean.
+* ``fixed_labels``, ``moving_labels``: anatomical label maps; the moving one is warped by the
+  same transform (label-linear interpolation unless ``label_interpolation`` says otherwise)
+  and scored by Dice per label and mean.
+* ``fixed_landmarks``, ``moving_landmarks``: corresponding points (CSV ``x,y[,z]`` in LPS mm,
+  or 3D Slicer ``.fcsv``/``.mrk.json``); the target registration error before and after.
 * ``fixed_mask``, ``moving_mask``: masks used for scoring only (no method sees them):
   the endpoint error is averaged over ``fixed_mask``, and with both masks the warped
   moving mask's Dice with the fixed mask is reported as ``mask_dice``.
@@ -36,7 +39,8 @@ import SimpleITK as sitk
 
 from dipreg import __version__
 from dipreg.errors import DipregError
-from dipreg.images import read_labels, resample_to_reference, same_grid, write_image
+from dipreg.images import INTERPOLATORS, label_map_on, read_displacement, same_grid
+from dipreg.landmarks import read_landmarks
 from dipreg.options import METHODS
 
 if TYPE_CHECKING:  # modules that need PyTorch or scikit-image are imported where used: the CLI starts fast
@@ -54,6 +58,7 @@ DISPLAY = {
     "jacobian_mean": ("det J mean", 3), "jacobian_std": ("det J std", 3), "jacobian_min": ("det J min", 3),
     "folding_percent": ("folding %", 3), "sdlogj": ("SDlogJ", 3),
     "dice_mean": ("Dice mean", 3), "mask_dice": ("mask Dice", 3), "epe_mm": ("EPE mm", 3),
+    "tre_before_mean_mm": ("TRE before mm", 3), "tre_after_mean_mm": ("TRE after mm", 3),
     "peak_memory_mb": ("peak memory MB", 0),
 }
 
@@ -81,10 +86,12 @@ class PairSpec:
     moving_channel: int | None = None
     true_displacement: Path | None = None
     initial_transform: Path | None = None
+    fixed_landmarks: Path | None = None
+    moving_landmarks: Path | None = None
 
 
 PATH_COLUMNS = ("fixed", "moving", "fixed_labels", "moving_labels", "fixed_mask", "moving_mask", "true_displacement",
-                "initial_transform")
+                "initial_transform", "fixed_landmarks", "moving_landmarks")
 _CHANNEL_COLUMNS = ("fixed_channel", "moving_channel")
 COLUMNS = tuple(f.name for f in fields(PairSpec) if f.name != "row")
 
@@ -151,6 +158,8 @@ def _pair_spec(number: int, values: dict[str, str], base: Path, where: str) -> P
                 raise DipregError(f"{where}: {name} {entries[name]} is negative")
     if ("fixed_labels" in entries) != ("moving_labels" in entries):
         raise DipregError(f"{where}: give both fixed_labels and moving_labels, or neither")
+    if ("fixed_landmarks" in entries) != ("moving_landmarks" in entries):
+        raise DipregError(f"{where}: give both fixed_landmarks and moving_landmarks, or neither")
     if "moving_mask" in entries and "fixed_mask" not in entries:
         raise DipregError(f"{where}: moving_mask needs a fixed_mask")
     pair_id = values.get("id") or f"pair{number:03d}"
@@ -160,57 +169,48 @@ def _pair_spec(number: int, values: dict[str, str], base: Path, where: str) -> P
 
 
 def _label_map_on(path: Path, image: sitk.Image, notes: list[str]) -> sitk.Image:
-    """A label or mask file as an integer map on ``image``'s grid.
-
-    A map on another grid is resampled in physical space (nearest neighbour): its header is
-    trusted, as for every image. (OASIS image A's label map has a slightly different spacing
-    and origin than the image; honouring them aligns it better with the tissue contrast than
-    copying the image's header does.)
-    """
-    labels = read_labels(path)
-    if labels.GetDimension() != image.GetDimension():
-        raise DipregError(f"{path}: label map is {labels.GetDimension()}D but its image is {image.GetDimension()}D")
-    labels = sitk.Cast(labels, sitk.sitkInt32)
-    if not same_grid(labels, image):
-        notes.append(f"{path.name}: resampled onto its image's grid in physical space (nearest neighbour)")
-        labels = resample_to_reference(labels, image, labels=True)
+    labels, note = label_map_on(path, image)
+    if note:
+        notes.append(note)
     return labels
 
 
-def score_pair(spec: PairSpec, result: RegistrationResult,
-                notes: list[str]) -> tuple[dict[str, Any], sitk.Image | None]:
-    """Dice, mask Dice and endpoint error of a result, as far as the pair's columns allow.
+def score_pair(spec: PairSpec, result: RegistrationResult, notes: list[str],
+               label_interpolation: str = "label") -> dict[str, Any]:
+    """Dice, mask Dice, TRE and endpoint error of a result, as far as the pair's columns allow.
 
-    Returns:
-        The scores, and the moving labels warped onto the fixed grid (None without labels).
+    The moving labels are warped with ``label_interpolation`` and kept in the result (saved
+    as ``warped_labels.nii.gz``); the scores are added to ``result.metrics`` and returned.
     """
     from dipreg.metrics import dice
 
     scores: dict[str, Any] = {}
-    warped = None
     if spec.fixed_labels and spec.moving_labels:
-        fixed_labels = _label_map_on(spec.fixed_labels, result.fixed, notes)
-        warped = result.apply(_label_map_on(spec.moving_labels, result.moving, notes), labels=True)
-        per_label = dice(sitk.GetArrayViewFromImage(fixed_labels), sitk.GetArrayViewFromImage(warped))
-        scores.update({f"dice_{label}": value for label, value in sorted(per_label.items())})
-        scores["dice_mean"] = float(np.nanmean(list(per_label.values()))) if per_label else float("nan")
+        result.propagate_labels(_label_map_on(spec.moving_labels, result.moving, notes),
+                                _label_map_on(spec.fixed_labels, result.fixed, notes), label_interpolation)
+        scores.update({key: value for key, value in result.metrics.items() if key.startswith("dice_")})
     fixed_mask = _label_map_on(spec.fixed_mask, result.fixed, notes) != 0 if spec.fixed_mask else None
     if fixed_mask is not None and spec.moving_mask:
-        warped_mask = result.apply(_label_map_on(spec.moving_mask, result.moving, notes) != 0, labels=True)
+        warped_mask = result.apply(_label_map_on(spec.moving_mask, result.moving, notes) != 0, interpolation="nearest")
         scores["mask_dice"] = dice(sitk.GetArrayViewFromImage(fixed_mask), sitk.GetArrayViewFromImage(warped_mask), [1])[1]
+    if spec.fixed_landmarks and spec.moving_landmarks:
+        ndim = result.fixed.GetDimension()
+        tre = result.score_landmarks(read_landmarks(spec.fixed_landmarks, ndim), read_landmarks(spec.moving_landmarks, ndim))
+        scores.update({key: tre[key] for key in ("tre_before_mean_mm", "tre_after_mean_mm")})
     if spec.true_displacement:
-        from dipreg.cli import read_displacement  # dipreg.cli imports this module
         from dipreg.synthetic import displacement_endpoint_error
 
         truth = read_displacement(spec.true_displacement)
         if not same_grid(truth, result.fixed):
             raise DipregError(f"{spec.true_displacement}: true displacement is not on the fixed image's grid")
         scores["epe_mm"] = displacement_endpoint_error(result.displacement, truth, fixed_mask)
-    return scores, warped
+    result.metrics.update(scores)
+    return scores
 
 
 def evaluate_pair(spec: PairSpec, outdir: Path, method: str, preset: str | None = None,
-                  channel: int | None = None, options: dict[str, Any] | None = None) -> dict[str, Any]:
+                  channel: int | None = None, options: dict[str, Any] | None = None,
+                  label_interpolation: str = "label") -> dict[str, Any]:
     """Register one pair, score it and write its outputs to ``outdir/pairs/<id>/``.
 
     Returns:
@@ -227,11 +227,8 @@ def evaluate_pair(spec: PairSpec, outdir: Path, method: str, preset: str | None 
     try:
         fixed, moving = load_pair(spec.fixed, spec.moving, channel, spec.fixed_channel, spec.moving_channel)
         result = run_method(method, fixed, moving, preset, initial_transform=spec.initial_transform, **(options or {}))
-        scores, warped_labels = score_pair(spec, result, notes)
-        result.metrics.update(scores)
-        pair_dir = result.save(outdir / "pairs" / spec.id)
-        if warped_labels is not None:
-            write_image(warped_labels, pair_dir / "warped_labels.nii.gz")
+        scores = score_pair(spec, result, notes, label_interpolation)
+        result.save(outdir / "pairs" / spec.id)
     except (DipregError, RuntimeError) as exc:
         row["error"] = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         return row
@@ -248,7 +245,8 @@ def _result_columns(rows: list[dict[str, Any]]) -> list[str]:
     present = {key for row in rows for key in row}
     labels = sorted((key for key in present if key.startswith("dice_") and key[5:].lstrip("-").isdigit()),
                     key=lambda key: int(key[5:]))
-    order = [*TEXT_COLUMNS[:5], *METRIC_COLUMNS, *labels, "dice_mean", "mask_dice", "epe_mm",
+    order = [*TEXT_COLUMNS[:5], *METRIC_COLUMNS, *labels, "dice_mean", "mask_dice", "tre_before_mean_mm",
+             "tre_after_mean_mm", "epe_mm",
              "seconds", "peak_memory_mb", *TEXT_COLUMNS[5:]]
     return [key for key in order if key in present]
 
@@ -366,6 +364,7 @@ def evaluate(
     channel: int | None = None,
     workers: int | None = None,
     quiet: bool = False,
+    label_interpolation: str = "label",
     **options: Any,
 ) -> dict[str, Any]:
     """Run one method on every pair of a PAIRS.csv and write per-pair outputs and a summary.
@@ -383,6 +382,8 @@ def evaluate(
         workers: pairs run in parallel on a Dask LocalCluster (``dipreg[batch]``); one
             at a time when None or 1.
         quiet: print nothing.
+        label_interpolation: how moving labels are warped: ``label`` (label-linear),
+            ``nearest`` or ``linear``.
         **options: registration options of ``dip`` and ``classic``.
 
     Returns:
@@ -411,7 +412,7 @@ def evaluate(
                   f"SDlogJ {row['sdlogj']:.3f}{extra} ({row['seconds']:.1f} s)", flush=True)
 
     task = functools.partial(evaluate_pair, outdir=outdir, method=method, preset=preset, channel=channel,
-                             options=options)
+                             options=options, label_interpolation=label_interpolation)
     rows = _map_pairs(task, specs, workers, report)
     _write_results(rows, outdir / "results.csv")
     failed = [{"id": row["id"], "error": row["error"]} for row in rows if "error" in row]
@@ -419,6 +420,7 @@ def evaluate(
         "method": method,
         "preset": preset,
         "options": options,
+        "label_interpolation": label_interpolation,
         "pairs_csv": str(Path(pairs_csv).resolve()),
         "channel": channel,
         "n_pairs": len(rows),
@@ -449,7 +451,8 @@ def add_evaluation_commands(subparsers: argparse._SubParsersAction) -> None:
         "evaluate", conflict_handler="resolve",
         help="run one method on every pair of a PAIRS.csv; write per-pair outputs, results.csv, summary.json",
         description="Run METHOD on every pair of PAIRS.csv (columns fixed,moving; optional fixed_labels,moving_labels, "
-        "fixed_mask,moving_mask, fixed_channel,moving_channel, true_displacement, initial_transform, id; paths "
+        "fixed_mask,moving_mask, fixed_channel,moving_channel, true_displacement, initial_transform, "
+        "fixed_landmarks,moving_landmarks, id; paths "
         "relative to the CSV). "
         "Writes OUTPUT/pairs/<id>/ (the files of dipreg register), OUTPUT/results.csv and OUTPUT/summary.json, "
         "and prints mean ± std per metric. --preset defaults to the method's own (default for dip, classic "
@@ -469,6 +472,9 @@ def add_evaluation_commands(subparsers: argparse._SubParsersAction) -> None:
     evaluate_parser.add_argument("--workers", type=int, default=None,
                                  help="run this many pairs at once on a Dask LocalCluster (needs dipreg[batch]) "
                                  "(default: one pair at a time)")
+    evaluate_parser.add_argument("--label-interpolation", choices=list(INTERPOLATORS), default="label",
+                                 help="how moving labels are warped for Dice: label (label-linear, ANTs' genericLabel), "
+                                 "nearest or linear (default: %(default)s)")
     evaluate_parser.add_argument("--quiet", action="store_true", help="print nothing (default: off)")
 
     compare_parser = subparsers.add_parser(
@@ -488,7 +494,7 @@ def run_evaluation_command(args: argparse.Namespace) -> int:
         options = registration_options(args)
         options.pop("method", None)
         summary = evaluate(args.pairs, args.output, args.method, args.preset, args.channel, args.workers,
-                           args.quiet, **options)
+                           args.quiet, args.label_interpolation, **options)
         return 1 if summary["n_failed"] else 0
     from dipreg.comparison import compare
 

@@ -307,20 +307,30 @@ def check_compatible(fixed: sitk.Image, moving: sitk.Image, fixed_name: str, mov
         )
 
 
+#: Interpolation choices of the API, ``apply`` and ``evaluate``. ``label`` is SimpleITK's
+#: label-linear interpolation (ANTs' ``genericLabel``): each label's indicator is interpolated
+#: linearly and the most likely label wins, so borders stay smooth and no new labels appear.
+INTERPOLATORS = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor, "label": sitk.sitkLabelLinear}
+
+
 def resample_to_reference(
     image: sitk.Image,
     reference: sitk.Image,
     transform: sitk.Transform | None = None,
     labels: bool = False,
     default_value: float = 0.0,
+    interpolation: str | None = None,
 ) -> sitk.Image:
     """Resample ``image`` onto ``reference``'s grid through ``transform`` (identity if None).
 
-    Linear interpolation for intensities, nearest neighbour for label maps.
+    ``interpolation`` is one of :data:`INTERPOLATORS`; by default linear for intensities and
+    nearest neighbour for label maps (``labels``). The pixel type is kept.
     """
-    interpolator = sitk.sitkNearestNeighbor if labels else sitk.sitkLinear
+    interpolation = interpolation or ("nearest" if labels else "linear")
+    if interpolation not in INTERPOLATORS:
+        raise DipregError(f"interpolation {interpolation!r}: choose from {', '.join(INTERPOLATORS)}")
     transform = transform or sitk.Transform(reference.GetDimension(), sitk.sitkIdentity)
-    return sitk.Resample(image, reference, transform, interpolator, default_value, image.GetPixelID())
+    return sitk.Resample(image, reference, transform, INTERPOLATORS[interpolation], default_value, image.GetPixelID())
 
 
 def resample_to_fixed(moving: sitk.Image, fixed: sitk.Image, transform: sitk.Transform | None = None) -> sitk.Image:
@@ -347,3 +357,37 @@ def normalise(array: np.ndarray, value_range: tuple[float, float]) -> np.ndarray
     """Map ``value_range`` linearly onto [0, 1] and clip; returns float32."""
     low, high = value_range
     return np.clip((np.asarray(array, dtype=np.float32) - low) / (high - low), 0.0, 1.0)
+
+
+def label_map_on(path: str | os.PathLike, image: sitk.Image) -> tuple[sitk.Image, str | None]:
+    """A label or mask file as an Int32 map on ``image``'s grid, and a note if it was resampled.
+
+    A map on another grid is resampled in physical space (nearest neighbour): its header is
+    trusted, as for every image. (OASIS image A's label map has a slightly different spacing
+    and origin than the image; honouring them aligns it better with the tissue contrast than
+    copying the image's header does.)
+    """
+    path = Path(path)
+    labels = read_labels(path)
+    if labels.GetDimension() != image.GetDimension():
+        raise DipregError(f"{path}: label map is {labels.GetDimension()}D but its image is {image.GetDimension()}D")
+    labels = sitk.Cast(labels, sitk.sitkInt32)
+    if same_grid(labels, image):
+        return labels, None
+    note = f"{path.name}: resampled onto its image's grid in physical space (nearest neighbour)"
+    return resample_to_reference(labels, image, interpolation="nearest"), note
+
+
+def read_displacement(path: str | os.PathLike) -> sitk.Image:
+    """Read an ITK displacement field, with a clear error if the file is not one."""
+    path = Path(path)
+    if not path.exists():
+        raise DipregError(f"{path}: file not found")
+    try:
+        field = sitk.ReadImage(str(path))
+    except RuntimeError:
+        raise DipregError(f"{path}: cannot read displacement field") from None
+    if field.GetNumberOfComponentsPerPixel() != field.GetDimension():
+        raise DipregError(f"{path}: not a displacement field ({field.GetNumberOfComponentsPerPixel()} components "
+                          f"in a {field.GetDimension()}D image)")
+    return field

@@ -15,7 +15,7 @@ import SimpleITK as sitk
 import torch
 
 from dipreg import __version__
-from dipreg.engine import ProgressCallback, make_config, optimise
+from dipreg.engine import OptimisationResult, ProgressCallback, RegistrationConfig, make_config, optimise
 from dipreg.errors import DipregError
 from dipreg.images import (
     ImageLike,
@@ -30,12 +30,14 @@ from dipreg.images import (
     same_grid,
     write_image,
 )
+from dipreg.field_transform import FieldTransform, affine_transform
 from dipreg.memory import check_memory
-from dipreg.metrics import image_metrics, jacobian_statistics, ncc, ssim
+from dipreg.landmarks import landmark_errors, write_landmark_table
+from dipreg.metrics import dice, image_metrics, jacobian_statistics, ncc, ssim
 from dipreg.outputs import FIELD_DTYPES, make_staging_directory
+from dipreg.synthetic import foreground_mask
 from dipreg.transforms import (
     Grid,
-    compose_after,
     displacement_image,
     displacement_transform,
     jacobian_determinant,
@@ -43,8 +45,9 @@ from dipreg.transforms import (
     voxel_displacement_from_image,
 )
 
-#: File names written by :meth:`RegistrationResult.save`.
-OUTPUT_FILES = ("warped.nii.gz", "displacement.nii.gz", "jacobian.nii.gz", "qc.png", "metrics.json")
+#: File names written by :meth:`RegistrationResult.save` for every result.
+OUTPUT_FILES = ("warped.nii.gz", "displacement.nii.gz", "inverse_displacement.nii.gz", "affine.mat",
+                "jacobian.nii.gz", "qc.png", "metrics.json")
 
 
 @dataclass
@@ -55,10 +58,18 @@ class RegistrationResult:
         fixed: the fixed image (defines the output grid).
         moving: the moving image as given (its own grid, original intensities).
         warped: the moving image resampled by phi onto the fixed grid, original intensities.
-        displacement: ITK displacement field (mm, physical axes) on the fixed grid.
+        displacement: ITK displacement field (mm, physical axes) on the fixed grid:
+            a fixed-space point ``p`` corresponds to ``p + u(p)`` in the moving image.
         jacobian: det(J_phi) on the fixed grid.
         metrics: similarity and regularity figures plus run information.
         loss_history: the loss at every iteration (empty for methods without one).
+        field_transform: the transform as optimised (affine stage, deformable part, initial
+            transform) with its inverse; see :class:`dipreg.field_transform.FieldTransform`.
+        inverse_displacement: ITK displacement field on the moving image's grid mapping
+            moving-space points to fixed-space points (``q -> q + w(q)``).
+        extra_images: further outputs written by :meth:`save` (file name -> image), such as
+            ``warped_labels.nii.gz``.
+        landmarks: per-point landmark errors written by :meth:`save` as ``landmarks.csv``.
     """
 
     fixed: sitk.Image
@@ -68,6 +79,10 @@ class RegistrationResult:
     jacobian: sitk.Image
     metrics: dict[str, Any]
     loss_history: list[float] = field(default_factory=list)
+    field_transform: FieldTransform | None = None
+    inverse_displacement: sitk.Image | None = None
+    extra_images: dict[str, sitk.Image] = field(default_factory=dict)
+    landmarks: list[dict[str, float]] = field(default_factory=list)
 
     @property
     def displacement_array(self) -> np.ndarray:
@@ -79,12 +94,53 @@ class RegistrationResult:
         """The deformation as a SimpleITK transform (fixed-space points to moving-space points)."""
         return displacement_transform(self.displacement)
 
-    def apply(self, image: sitk.Image, labels: bool = False) -> sitk.Image:
-        """Warp another image of the moving subject onto the fixed grid (labels: nearest neighbour)."""
-        return resample_to_reference(image, self.fixed, self.transform, labels=labels)
+    @property
+    def inverse_transform(self) -> sitk.DisplacementFieldTransform:
+        """The inverse deformation as a SimpleITK transform (moving-space points to fixed-space points)."""
+        return displacement_transform(self.inverse_displacement)
+
+    def apply(self, image: sitk.Image, labels: bool = False, interpolation: str | None = None) -> sitk.Image:
+        """Warp another image of the moving subject onto the fixed grid.
+
+        ``interpolation`` is ``linear``, ``nearest`` or ``label`` (label-linear); the default is
+        ``label`` for label maps (``labels``), else ``linear``.
+        """
+        interpolation = interpolation or ("label" if labels else "linear")
+        return resample_to_reference(image, self.fixed, self.transform, interpolation=interpolation)
+
+    def apply_inverse(self, image: sitk.Image, labels: bool = False, interpolation: str | None = None) -> sitk.Image:
+        """Warp an image of the fixed subject onto the moving image's grid (same interpolation choices)."""
+        interpolation = interpolation or ("label" if labels else "linear")
+        return resample_to_reference(image, self.moving, self.inverse_transform, interpolation=interpolation)
+
+    def transform_points(self, points: np.ndarray) -> np.ndarray:
+        """Fixed-space points ``[n, ndim]`` (mm, LPS) mapped into the moving image (``p + u(p)``)."""
+        return self.field_transform.transform_points(points)
+
+    def propagate_labels(self, moving_labels: sitk.Image, fixed_labels: sitk.Image | None = None,
+                         interpolation: str = "label") -> sitk.Image:
+        """Warp a label map of the moving image onto the fixed grid; it is saved as
+        ``warped_labels.nii.gz``. With ``fixed_labels`` (on the fixed grid) the Dice of every
+        label and their mean go into the metrics.
+        """
+        warped = self.apply(moving_labels, interpolation=interpolation)
+        self.extra_images["warped_labels.nii.gz"] = warped
+        self.metrics["label_interpolation"] = interpolation
+        if fixed_labels is not None:
+            per_label = dice(sitk.GetArrayViewFromImage(fixed_labels), sitk.GetArrayViewFromImage(warped))
+            self.metrics.update({f"dice_{label}": value for label, value in sorted(per_label.items())})
+            self.metrics["dice_mean"] = float(np.nanmean(list(per_label.values()))) if per_label else float("nan")
+        return warped
+
+    def score_landmarks(self, fixed_points: np.ndarray, moving_points: np.ndarray) -> dict[str, float]:
+        """Target registration error of corresponding landmarks (mm): ``|p - q|`` before and
+        ``|phi(p) - q|`` after; the summary goes into the metrics, the points into ``landmarks.csv``."""
+        summary, self.landmarks = landmark_errors(fixed_points, moving_points, self.transform_points(fixed_points))
+        self.metrics.update(summary)
+        return summary
 
     def save(self, outdir: str | os.PathLike, field_dtype: str = "float32") -> Path:
-        """Write warped, displacement, Jacobian, QC figure and metrics to ``outdir``.
+        """Write the output files (:data:`OUTPUT_FILES`, plus extra images and landmarks) to ``outdir``.
 
         Files are written into a temporary sibling directory first and moved into place
         only when all of them exist, so a failure leaves no half-written output. Directories
@@ -98,7 +154,14 @@ class RegistrationResult:
         try:
             write_image(self.warped, staging / "warped.nii.gz")
             write_image(sitk.Cast(self.displacement, FIELD_DTYPES[field_dtype]), staging / "displacement.nii.gz")
+            write_image(sitk.Cast(self.inverse_displacement, FIELD_DTYPES[field_dtype]),
+                        staging / "inverse_displacement.nii.gz")
+            sitk.WriteTransform(self.field_transform.linear_transform(), str(staging / "affine.mat"))
             write_image(self.jacobian, staging / "jacobian.nii.gz")
+            for name, image in self.extra_images.items():
+                write_image(image, staging / name)
+            if self.landmarks:
+                write_landmark_table(self.landmarks, staging / "landmarks.csv")
             save_qc_figure(self, staging / "qc.png")
             metrics = {**self.metrics, "loss_history": self.loss_history}
             (staging / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
@@ -117,35 +180,56 @@ def publish_directory(staging: Path, outdir: Path) -> None:
         os.replace(item, outdir / item.name)
 
 
+def result_from_transform(
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    transform: FieldTransform,
+    info: dict[str, Any],
+    loss_history: list[float] | None = None,
+) -> RegistrationResult:
+    """Warp, Jacobian, inverse and metrics of a transform; shared by every method.
+
+    Args:
+        fixed: fixed image; ``transform.fixed`` must be its grid.
+        moving: moving image on its own grid.
+        transform: the method's answer (fixed-space points to moving-space points).
+        info: run information added to the metrics (method, options, seconds...).
+        loss_history: loss per iteration, if the method has one.
+    """
+    displacement = transform.displacement_image()
+    inverse = transform.inverse_displacement_image(Grid.from_image(moving))
+    warped = resample_to_reference(moving, fixed, displacement_transform(displacement))
+    det = jacobian_determinant(voxel_displacement_from_image(displacement)).astype(np.float32)
+    jacobian = Grid.from_image(fixed).to_image(det)
+    fixed01 = normalise(sitk.GetArrayViewFromImage(fixed), intensity_range(fixed))
+    warped01 = normalise(sitk.GetArrayViewFromImage(warped), intensity_range(moving))
+    foreground = sitk.GetArrayViewFromImage(foreground_mask(fixed)) != 0
+    metrics = {
+        **image_metrics(fixed01, warped01),
+        **jacobian_statistics(det),
+        **transform.inverse_consistency(foreground),
+        "inverse_residual_p95_mm": transform.inverse_residual_p95_mm,
+        "ssim_definition": "skimage structural_similarity, images scaled to [0,1] by 0.5-99.5 percentiles, data_range=1",
+        "inverse_consistency_definition": "|phi^-1(phi(p)) - p| in mm over the fixed image's foreground (Otsu)",
+        **info,
+        "dipreg_version": __version__,
+    }
+    return RegistrationResult(fixed, moving, warped, displacement, jacobian, metrics, list(loss_history or []),
+                              transform, inverse)
+
+
 def result_from_displacement(
     fixed: sitk.Image,
     moving: sitk.Image,
     displacement: sitk.Image,
     info: dict[str, Any],
     loss_history: list[float] | None = None,
+    inverse: sitk.Image | None = None,
 ) -> RegistrationResult:
-    """Warp, Jacobian and metrics of a displacement field; shared by every method.
-
-    Args:
-        fixed: fixed image; ``displacement`` must lie on its grid.
-        moving: moving image on its own grid.
-        displacement: ITK displacement field image (mm).
-        info: run information added to the metrics (method, options, seconds...).
-        loss_history: loss per iteration, if the method has one.
-    """
-    warped = resample_to_reference(moving, fixed, displacement_transform(displacement))
-    det = jacobian_determinant(voxel_displacement_from_image(displacement)).astype(np.float32)
-    jacobian = Grid.from_image(fixed).to_image(det)
-    fixed01 = normalise(sitk.GetArrayViewFromImage(fixed), intensity_range(fixed))
-    warped01 = normalise(sitk.GetArrayViewFromImage(warped), intensity_range(moving))
-    metrics = {
-        **image_metrics(fixed01, warped01),
-        **jacobian_statistics(det),
-        "ssim_definition": "skimage structural_similarity, images scaled to [0,1] by 0.5-99.5 percentiles, data_range=1",
-        **info,
-        "dipreg_version": __version__,
-    }
-    return RegistrationResult(fixed, moving, warped, displacement, jacobian, metrics, list(loss_history or []))
+    """:func:`result_from_transform` of a dense displacement field on the fixed grid (its
+    inverse given, or found by fixed-point iteration)."""
+    return result_from_transform(fixed, moving, FieldTransform.from_displacement(displacement, inverse), info,
+                                 loss_history)
 
 
 def load_pair(
@@ -257,7 +341,6 @@ def register(
         "identity": similarity(normalise(sitk.GetArrayViewFromImage(header_aligned), intensity_range(moving_image))),
         "affine": None if outcome.affine_warped is None else similarity(outcome.affine_warped[0, 0].numpy()),
     }
-    world = grid.normalized_to_world(outcome.displacement.double())[0].numpy()
     info = {
         "method": config.method,
         "preset": preset,
@@ -269,8 +352,18 @@ def register(
         "before": before,
         "loss_stages": outcome.loss_stages,
     }
-    field = displacement_image(world, grid)
     if initial is not None:
-        field = compose_after(initial, field)
         info["initial_transform"] = describe_initial_transform(initial_transform)
-    return result_from_displacement(fixed_image, moving_image, field, info, outcome.loss_history)
+    transform = field_transform_from(outcome, grid, config, initial)
+    return result_from_transform(fixed_image, moving_image, transform, info, outcome.loss_history)
+
+
+def field_transform_from(outcome: OptimisationResult, grid: Grid, config: RegistrationConfig,
+                         initial: sitk.Transform | None = None) -> FieldTransform:
+    """The world-space transform of the optimiser's output (affine stage, field as optimised)."""
+    matrix, translation = grid.normalized_affine_to_world(outcome.affine_matrix.double().numpy(),
+                                                          outcome.affine_translation.double().numpy())
+    field_grid = grid.coarser(tuple(outcome.field.shape[2:]))
+    field_image = displacement_image(outcome.field[0].double().numpy(), field_grid)
+    return FieldTransform(grid, affine_transform(matrix, translation), field_image,
+                          "velocity" if config.field == "svf" else "displacement", config.integration_steps, initial)

@@ -3,7 +3,7 @@
 A smooth random displacement ``d`` warps a real image: ``moving(x) = fixed(x + d(x))``.
 A registration field ``u`` (dipreg's convention, ``warped(y) = moving(y + u(y)) ~ fixed(y)``)
 must then satisfy ``u(y) = -d(y + u(y))``: it is the *inverse* of ``d``, not ``d`` (nor
-exactly ``-d``). :func:`invert_displacement` solves that fixed point numerically and
+exactly ``-d``). :func:`dipreg.transforms.invert_displacement` solves that fixed point numerically and
 :func:`known_warp_pair` returns it as the ground truth to score against.
 """
 
@@ -23,6 +23,7 @@ from dipreg.transforms import (
     Grid,
     displacement_image,
     displacement_transform,
+    invert_displacement,
     jacobian_determinant,
     voxel_displacement_from_image,
 )
@@ -102,59 +103,6 @@ def random_displacement(reference: sitk.Image, max_displacement: float = 8.0,
         raise DipregError(f"random displacement of {max_displacement} mm with smoothness {smoothness} mm "
                           f"is nearly folding (min det J {det_min:.2f}); lower the magnitude or raise the smoothness")
     return field
-
-
-def _sample_at_displaced(field: sitk.Image, displacement: sitk.Image) -> np.ndarray:
-    """``field(p + displacement(p))`` on ``displacement``'s grid, array ``[*spatial, ndim]``.
-
-    Linear interpolation, continued outside the grid by the edge values (the field is
-    padded by replication far enough that the interpolant stays continuous).
-    """
-    shift = np.sqrt((sitk.GetArrayViewFromImage(displacement) ** 2).sum(axis=-1)).max()
-    pad = [int(np.ceil(shift / s)) + 2 for s in field.GetSpacing()]
-    padded = sitk.ZeroFluxNeumannPad(sitk.Cast(field, sitk.sitkVectorFloat64), pad, pad)
-    sampled = sitk.Resample(padded, displacement, displacement_transform(displacement), sitk.sitkLinear, 0.0,
-                            sitk.sitkVectorFloat64, True)
-    return sitk.GetArrayFromImage(sampled)
-
-
-def compose_displacements(outer: sitk.Image, inner: sitk.Image) -> sitk.Image:
-    """Displacement of ``p -> q + outer(q)`` with ``q = p + inner(p)``, on ``inner``'s grid.
-
-    ``outer`` is interpolated linearly and continued outside its grid by its edge values.
-    """
-    composed = sitk.GetArrayViewFromImage(inner) + _sample_at_displaced(outer, inner)
-    return Grid.from_image(inner).to_image(composed, is_vector=True)
-
-
-def invert_displacement(field: sitk.Image, iterations: int = 100, tolerance: float = 1e-4) -> tuple[sitk.Image, float]:
-    """Inverse of a displacement field by fixed-point iteration ``u(y) = -d(y + u(y))``.
-
-    Args:
-        field: the displacement ``d`` (ITK displacement image, mm).
-        iterations: maximum number of iterations.
-        tolerance: stop when the largest update is below this many mm.
-
-    Returns:
-        The inverse field ``u`` on the same grid, and the residual
-        ``max |u(y) + d(y + u(y))|`` in mm.
-
-    Raises:
-        DipregError: if the iteration does not converge (the field is not invertible).
-    """
-    grid = Grid.from_image(field)
-    inverse = grid.to_image(np.zeros((*grid.shape, grid.ndim)), is_vector=True)
-    for _ in range(iterations):
-        updated = -_sample_at_displaced(field, inverse)
-        change = float(np.sqrt(((updated - sitk.GetArrayViewFromImage(inverse)) ** 2).sum(axis=-1)).max())
-        inverse = grid.to_image(updated, is_vector=True)
-        if change < tolerance:
-            break
-    # A copy, not a view: the composed image is a temporary that is freed at once.
-    residual = float(np.sqrt((sitk.GetArrayFromImage(compose_displacements(field, inverse)) ** 2).sum(axis=-1)).max())
-    if residual > max(10 * tolerance, 1e-3):
-        raise DipregError(f"displacement inverse did not converge (residual {residual:.3g} mm after {iterations} iterations)")
-    return inverse, residual
 
 
 def foreground_mask(image: sitk.Image) -> sitk.Image:

@@ -72,6 +72,26 @@ class Grid:
         """Convert a ``[N, ndim, *spatial]`` normalised displacement to world units (mm)."""
         return _apply_channel_matrix(np.linalg.inv(self.world_to_normalized_matrix()), field)
 
+    def normalized_affine_to_world(self, matrix: np.ndarray, translation: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The world-space form ``p -> A p + b`` of the map ``x -> M x + t`` in sampler-normalised coordinates.
+
+        Normalised coordinates are ``x = N (p - origin) - 1`` with ``N`` the world-to-normalised
+        matrix (``-1`` at the first voxel centre, ``+1`` at the last, per axis).
+        """
+        n = self.world_to_normalized_matrix()
+        n_inv = np.linalg.inv(n)
+        origin = np.asarray(self.origin)
+        ones = np.ones(self.ndim)
+        world_matrix = n_inv @ np.asarray(matrix, dtype=np.float64) @ n
+        world_translation = origin - world_matrix @ origin + n_inv @ (np.asarray(translation, dtype=np.float64) + ones - matrix @ ones)
+        return world_matrix, world_translation
+
+    def coarser(self, shape: tuple[int, ...]) -> "Grid":
+        """A grid of array shape ``shape`` spanning the same physical extent (first and last voxel centres)."""
+        size = tuple(reversed(shape))
+        spacing = tuple(s * (n - 1) / (m - 1) for s, n, m in zip(self.spacing, self.size, size))
+        return Grid(size, spacing, self.origin, self.direction)
+
     def normalized_to_voxel(self, field: torch.Tensor) -> torch.Tensor:
         """Convert a normalised displacement to voxel units of this grid (index order x, y, z)."""
         scale = torch.tensor([(n - 1) / 2.0 for n in self.size], dtype=field.dtype, device=field.device)
@@ -178,18 +198,67 @@ def read_transform(path: str | os.PathLike) -> sitk.Transform:
         raise DipregError(f"{path}: cannot read an ITK transform from this file") from None
 
 
-def compose_after(transform: sitk.Transform, field: sitk.Image) -> sitk.Image:
-    """Displacement field of ``p -> transform(p + field(p))`` on ``field``'s grid (mm)."""
-    composite = sitk.CompositeTransform(field.GetDimension())
-    composite.AddTransform(transform)
-    composite.AddTransform(displacement_transform(field))  # the last added is applied first
-    return sitk.TransformToDisplacementField(composite, sitk.sitkVectorFloat64, field.GetSize(), field.GetOrigin(),
-                                             field.GetSpacing(), field.GetDirection())
-
-
 def voxel_displacement_from_image(field: sitk.Image) -> np.ndarray:
     """``[ndim, *spatial]`` voxel-unit displacement of an ITK displacement field image."""
     grid = Grid.from_image(field)
     world = np.moveaxis(sitk.GetArrayFromImage(field), -1, 0)
     matrix = np.linalg.inv(grid.index_to_world_matrix())
     return np.einsum("ij,j...->i...", matrix, world)
+
+
+def _sample_at_displaced(field: sitk.Image, displacement: sitk.Image) -> np.ndarray:
+    """``field(p + displacement(p))`` on ``displacement``'s grid, array ``[*spatial, ndim]``.
+
+    Linear interpolation, continued outside the grid by the edge values (the field is
+    padded by replication far enough that the interpolant stays continuous).
+    """
+    shift = np.sqrt((sitk.GetArrayViewFromImage(displacement) ** 2).sum(axis=-1)).max()
+    pad = [int(np.ceil(shift / s)) + 2 for s in field.GetSpacing()]
+    padded = sitk.ZeroFluxNeumannPad(sitk.Cast(field, sitk.sitkVectorFloat64), pad, pad)
+    sampled = sitk.Resample(padded, displacement, displacement_transform(displacement), sitk.sitkLinear, 0.0,
+                            sitk.sitkVectorFloat64, True)
+    return sitk.GetArrayFromImage(sampled)
+
+
+def compose_displacements(outer: sitk.Image, inner: sitk.Image) -> sitk.Image:
+    """Displacement of ``p -> q + outer(q)`` with ``q = p + inner(p)``, on ``inner``'s grid.
+
+    ``outer`` is interpolated linearly and continued outside its grid by its edge values.
+    """
+    composed = sitk.GetArrayViewFromImage(inner) + _sample_at_displaced(outer, inner)
+    return Grid.from_image(inner).to_image(composed, is_vector=True)
+
+
+def invert_displacement(field: sitk.Image, iterations: int = 100, tolerance: float = 1e-4,
+                        reference: Grid | None = None, strict: bool = True) -> tuple[sitk.Image, float]:
+    """Inverse of a displacement field by fixed-point iteration ``u(y) = -d(y + u(y))``.
+
+    Args:
+        field: the displacement ``d`` (ITK displacement image, mm).
+        iterations: maximum number of iterations.
+        tolerance: stop when the largest update is below this many mm.
+        reference: grid of the inverse (default: the field's own grid), e.g. the moving
+            image's grid for the inverse of a registration's field.
+        strict: raise if the residual stays above ``max(10 tolerance, 1e-3)`` mm; otherwise
+            return the best effort with its residual (a folding field has no inverse).
+
+    Returns:
+        The inverse field ``u`` on the reference grid, and the residual
+        ``max |u(y) + d(y + u(y))|`` in mm.
+
+    Raises:
+        DipregError: with ``strict``, if the iteration does not converge (the field is not invertible).
+    """
+    grid = reference or Grid.from_image(field)
+    inverse = grid.to_image(np.zeros((*grid.shape, grid.ndim)), is_vector=True)
+    for _ in range(iterations):
+        updated = -_sample_at_displaced(field, inverse)
+        change = float(np.sqrt(((updated - sitk.GetArrayViewFromImage(inverse)) ** 2).sum(axis=-1)).max())
+        inverse = grid.to_image(updated, is_vector=True)
+        if change < tolerance:
+            break
+    # A copy, not a view: the composed image is a temporary that is freed at once.
+    residual = float(np.sqrt((sitk.GetArrayFromImage(compose_displacements(field, inverse)) ** 2).sum(axis=-1)).max())
+    if strict and residual > max(10 * tolerance, 1e-3):
+        raise DipregError(f"displacement inverse did not converge (residual {residual:.3g} mm after {iterations} iterations)")
+    return inverse, residual
