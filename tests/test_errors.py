@@ -74,7 +74,7 @@ def files(tmp_path_factory: pytest.TempPathFactory, brain_slice: sitk.Image) -> 
     far.SetOrigin((1000.0, 0.0))
     paths["far.nii.gz"] = write(far, root / "far.nii.gz")
     coarse = sitk.Image(brain_slice)
-    coarse.SetSpacing((100.0, 100.0))
+    coarse.SetSpacing(tuple(100 * s for s in brain_slice.GetSpacing()))  # 400 mm for the 4 mm slice
     paths["coarse.nii.gz"] = write(coarse, root / "coarse.nii.gz")
     paths["rgb.tif"] = write(sitk.Compose([sitk.Cast(brain_slice, sitk.sitkUInt8)] * 3), root / "rgb.tif")
     paths["complex.nii.gz"] = write_nifti((array + 1j * array).T.astype(np.complex64)[..., None],
@@ -105,7 +105,7 @@ INPUT_CASES = {
     "2D vs 3D": ("good", "volume.nii.gz", [], "volume.nii.gz", "moving image is 3D but fixed image"),
     "no overlap": ("good", "far.nii.gz", [], "far.nii.gz", "does not overlap"),
     "100x spacing mismatch": ("good", "coarse.nii.gz", [], "coarse.nii.gz",
-                              "moving image is constant; moving: spacing 100x100 mm"),
+                              "moving image is constant; moving: spacing 400x400 mm"),
     "multi-channel without --channel": ("rgb.tif", "rgb.tif", [], "rgb.tif", "3 channels; choose one with --channel"),
     "channel out of range": ("rgb.tif", "rgb.tif", ["--channel", "5"], "rgb.tif", "--channel 5 out of range 0..2"),
     "complex": ("complex.nii.gz", "good", [], "complex.nii.gz", "complex pixel type"),
@@ -257,15 +257,15 @@ def test_interrupt_prints_one_line_and_leaves_nothing(signum: int, code: int, fi
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.fixture(scope="module", params=[0o022, 0o027], ids=["umask 022", "umask 027"])
-def written(request: pytest.FixtureRequest, files: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
-            ) -> tuple[Path, int]:
-    """Output of a short successful registration run under a umask, and the umask."""
+@pytest.fixture(scope="module")
+def written(files: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
+    """Output of a short successful registration run under a umask other than the usual 022
+    (so that following it is seen), and the umask."""
+    umask = 0o027
     outdir = tmp_path_factory.mktemp("written") / "new" / "out"
-    completed = dipreg("register", files["good"], files["good"], "-o", outdir, *QUICK,
-                       preexec_fn=lambda: os.umask(request.param))
+    completed = dipreg("register", files["good"], files["good"], "-o", outdir, *QUICK, preexec_fn=lambda: os.umask(umask))
     assert completed.returncode == 0, completed.stderr
-    return outdir, request.param
+    return outdir, umask
 
 
 def test_written_output_follows_the_umask(written: tuple[Path, int]) -> None:
