@@ -12,12 +12,17 @@ from helpers import rotation_direction, with_geometry
 
 from dipreg.errors import DipregError
 from dipreg.images import (
+    FOREGROUND_LEVEL,
+    INTENSITY_PERCENTILES,
+    MIN_FOREGROUND_COVERAGE,
     as_image,
     check_compatible,
+    check_moving_on_fixed,
     intensity_range,
     normalise,
     physical_bounds,
     read_image,
+    resample_to_fixed,
     resample_to_reference,
     write_image,
 )
@@ -266,3 +271,22 @@ def test_label_resampling_keeps_type_and_values(rng: np.random.Generator) -> Non
     out = resample_to_reference(labels, reference, labels=True)
     assert out.GetPixelID() == sitk.sitkUInt8
     assert set(np.unique(sitk.GetArrayFromImage(out))) <= {0, 3, 17}
+
+
+@pytest.mark.parametrize("columns", [12, 40])
+def test_moving_covering_too_little_of_the_fixed_foreground_is_refused(columns: int, brain_slice: sitk.Image) -> None:
+    """A moving image holding the first ``columns`` columns of the fixed slice (same physical
+    place) covers exactly those columns' share of the fixed foreground."""
+    fixed = brain_slice
+    moving = fixed[:columns, :]
+    array = sitk.GetArrayFromImage(fixed)
+    low, high = np.percentile(array, INTENSITY_PERCENTILES)
+    foreground = (array - low) / (high - low) > FOREGROUND_LEVEL
+    share = foreground[:, :columns].sum() / foreground.sum()
+    on_fixed = resample_to_fixed(moving, fixed)
+    if share < MIN_FOREGROUND_COVERAGE:
+        with pytest.raises(DipregError, match=f"m.nii: on the fixed grid the moving image covers {share:.0%} of"):
+            check_moving_on_fixed(moving, fixed, on_fixed, None, "m.nii", "f.nii")
+    else:
+        check_moving_on_fixed(moving, fixed, on_fixed, None, "m.nii", "f.nii")
+    assert (share < MIN_FOREGROUND_COVERAGE) == (columns == 12)  # the two cases are the two branches

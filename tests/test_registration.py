@@ -21,6 +21,7 @@ from scipy import ndimage
 import dipreg
 import dipreg.registration
 from dipreg.errors import DipregError
+from dipreg.outputs import FIELD_DTYPES
 from dipreg.registration import OUTPUT_FILES
 from dipreg.transforms import Grid, identity_grid, warp
 
@@ -231,6 +232,18 @@ def test_saved_displacement_equals_the_optimised_warp(shift_run: dict) -> None:
     scale = float(itk_warped.max())
     np.testing.assert_allclose(torch_warped[0, 0].numpy()[inside], itk_warped[inside], atol=1e-4 * scale)
     assert shift_run["moving_tensor"].shape == moving.shape  # the optimiser saw the moving image on this grid
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_saved_field_is_rounded_as_documented(dtype: str, shift_run: dict, tmp_path: Path) -> None:
+    """float32 rounds each component to nearest: by at most 2^-24 of its magnitude; float64 is exact."""
+    result = shift_run["result"]
+    field = sitk.ReadImage(str(result.save(tmp_path / "out", field_dtype=dtype) / "displacement.nii.gz"))
+    assert field.GetPixelID() == FIELD_DTYPES[dtype]
+    exact = result.displacement_array
+    assert exact.dtype == np.float64
+    error = np.abs(sitk.GetArrayFromImage(field).astype(np.float64) - exact)
+    assert np.all(error <= (2.0**-24 if dtype == "float32" else 0.0) * np.abs(exact))
 
 
 def test_save_writes_the_five_files_and_no_staging_leftovers(shift_run: dict, tmp_path: Path) -> None:

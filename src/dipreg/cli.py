@@ -31,6 +31,9 @@ from dipreg.outputs import FIELD_DTYPES, check_output_directory
 
 SUMMARY_KEYS = ("ssim", "ncc", "folding_percent", "sdlogj", "jacobian_mean", "iterations", "seconds")
 
+#: Commands that write their output only once complete (an interrupt leaves nothing behind).
+WRITE_WHEN_DONE = ("register", "demo", "apply", "invert", "transform-points")
+
 
 def _parse_bool(text: str) -> bool:
     if text.lower() in ("1", "true", "yes", "on"):
@@ -49,10 +52,10 @@ def add_registration_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("registration options (defaults are those of --preset default)")
     for f in dataclasses.fields(RegistrationConfig):
         kind = _parse_bool if f.type in (bool, "bool") else type(f.default)
+        allowed = f.metadata.get("allowed")
         group.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=None,
                            choices=f.metadata.get("choices"), metavar=None if f.metadata.get("choices") else f.name.upper(),
-                           help=f"{f.metadata['help']}{f'; allowed: {allowed}' if (allowed := f.metadata.get('allowed')) else ''} "
-                           f"(default: {f.default})")
+                           help=f"{f.metadata['help']}{f'; allowed: {allowed}' if allowed else ''} (default: {f.default})")
 
 
 def registration_options(args: argparse.Namespace) -> dict:
@@ -182,6 +185,7 @@ def _run_registration(fixed, moving, args: argparse.Namespace) -> int:
 def _run_apply(args: argparse.Namespace) -> int:
     from dipreg.transforms import displacement_transform
 
+    check_output_directory(args.output.parent)
     field = read_displacement(args.displacement)
     image = read_labels(args.image) if args.labels else read_image(args.image, args.channel)
     reference = read_image(args.reference) if args.reference else field
@@ -207,6 +211,7 @@ def _write_atomically(output: Path, write) -> None:
 def _run_invert(args: argparse.Namespace) -> int:
     from dipreg.transforms import Grid, invert_displacement
 
+    check_output_directory(args.output.parent)
     field = read_displacement(args.displacement)
     reference = Grid.from_image(read_image(args.reference)) if args.reference else None
     if reference is not None and reference.ndim != field.GetDimension():
@@ -221,6 +226,7 @@ def _run_invert(args: argparse.Namespace) -> int:
 def _run_transform_points(args: argparse.Namespace) -> int:
     from dipreg.transforms import displacement_transform
 
+    check_output_directory(args.output.parent)
     field = read_displacement(args.displacement)
     points = read_landmarks(args.points, field.GetDimension())
     transform = displacement_transform(field)
@@ -241,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``dipreg`` console script.
 
     Returns 0 on success, 1 for a DipregError (one line on stderr), 2 for a usage error,
-    130 on SIGINT (Ctrl-C) and 143 on SIGTERM; an interrupted run leaves no output behind.
+    130 on SIGINT (Ctrl-C) and 143 on SIGTERM; an interrupted command of :data:`WRITE_WHEN_DONE`
+    leaves no output behind.
     """
     args = build_parser().parse_args(argv)
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
@@ -264,7 +271,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dipreg: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as exc:
-        print("dipreg: interrupted; nothing written", file=sys.stderr)
+        after_progress_bar = "" if getattr(args, "quiet", True) else "\n"
+        outcome = "; nothing written" if args.command in WRITE_WHEN_DONE else " (finished pairs are kept)"
+        print(f"{after_progress_bar}dipreg: interrupted{outcome}", file=sys.stderr)
         return 143 if isinstance(exc, _Terminated) else 130
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -308,11 +308,18 @@ def register(
         A :class:`RegistrationResult`; ``result.save(outdir)`` writes the standard files.
 
     Raises:
-        DipregError: for unusable inputs or a diverging optimisation.
+        DipregError: for unusable inputs or a diverging optimisation. In this order, before the
+            optimisation starts: an option outside its allowed values, the memory needed
+            (estimated from the fixed image's header), unreadable or broken images, images
+            that do not overlap, and a moving image that on the fixed grid covers too little
+            of the fixed foreground or is constant (see :func:`dipreg.images.check_moving_on_fixed`).
     """
     config = make_config(preset, **options)
     # From the fixed image's header (the grid of the whole run), before any voxel is read.
-    check_memory(image_shape(fixed, fixed_channel if fixed_channel is not None else channel), config)
+    try:
+        check_memory(image_shape(fixed, fixed_channel if fixed_channel is not None else channel), config)
+    except DipregError as exc:
+        raise DipregError(f"{input_name(fixed, 'fixed image')}: {exc}") from None
     fixed_image, moving_image = load_pair(fixed, moving, channel, fixed_channel, moving_channel, spacing)
     initial = load_initial_transform(initial_transform, fixed_image.GetDimension())
     header_aligned = (moving_image if same_grid(fixed_image, moving_image)
@@ -329,13 +336,14 @@ def register(
         grid, config, progress=progress, callback=callback,
     )
 
-    # Before registering: the headers alone, then after the affine stage (None when skipped).
+    def similarity(moving01: np.ndarray) -> dict[str, float]:
+        return {"ssim": ssim(fixed01, moving01), "ncc": ncc(fixed01, moving01)}
+
+    # Before registering: with the headers alone, and after the affine stage (None when skipped).
     before = {
-        "identity": normalise(sitk.GetArrayViewFromImage(header_aligned), intensity_range(moving_image)),
-        "affine": None if outcome.affine_warped is None else outcome.affine_warped[0, 0].numpy(),
+        "identity": similarity(normalise(sitk.GetArrayViewFromImage(header_aligned), intensity_range(moving_image))),
+        "affine": None if outcome.affine_warped is None else similarity(outcome.affine_warped[0, 0].numpy()),
     }
-    before = {stage: None if moving01 is None else {"ssim": ssim(fixed01, moving01), "ncc": ncc(fixed01, moving01)}
-              for stage, moving01 in before.items()}
     info = {
         "method": config.method,
         "preset": preset,
