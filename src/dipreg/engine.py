@@ -17,14 +17,15 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from dipreg.errors import DipregError
-from dipreg.losses import diffusion, ncc, similarity_loss
+from dipreg.initialisation import half_extent, initial_affine, rotation_from_parameters
+from dipreg.losses import diffusion, similarity_loss
 from dipreg.networks import SkipGenerator
 from dipreg.transforms import Grid, identity_grid, integrate_velocity, resize_field, warp
 
@@ -46,7 +47,7 @@ class RegistrationConfig:
     """Every option of a registration; see :data:`PRESETS` for named combinations."""
 
     method: str = _option("dip", "field parameterisation: dip (network prior) or classic (free field)", ("dip", "classic"))
-    loss: str = _option("lncc", "image similarity term", ("lncc", "ncc", "mae", "mse"))
+    loss: str = _option("lncc", "image similarity term (mi, nmi: Parzen-window mutual information, normalised MI, for different contrasts)", ("lncc", "ncc", "mae", "mse", "mi", "nmi"))
     lncc_window: int = _option(9, "window width in voxels of the local NCC loss")
     regularization: float = _option(1.0, "weight of the diffusion penalty on the field (0 = none)")
     field: str = _option("svf", "what is optimised: displacement, or svf (stationary velocity, diffeomorphic)", ("svf", "displacement"))
@@ -64,6 +65,10 @@ class RegistrationConfig:
     affine: bool = _option(True, "affine pre-alignment (global NCC) before the deformable stage")
     affine_iterations: int = _option(200, "Adam iterations of the affine stage")
     affine_learning_rate: float = _option(1e-2, "Adam learning rate of the affine translation (matrix: a quarter of it)")
+    transform: str = _option("deformable", "transform model: rigid, affine, or deformable (the affine stage, if --affine, then the deformable field)", ("deformable", "affine", "rigid"))
+    affine_loss: str = _option("auto", "similarity of the rigid/affine stage (auto: mi for --loss mi, nmi for nmi, else ncc)", ("auto", "ncc", "mi", "nmi"))
+    init: str = _option("centers", "start of the rigid/affine stage: none, centers (intensity centres of mass), moments (+ principal axes, best sign), search (+ coarse rotation search at low resolution)", ("none", "centers", "moments", "search"))
+    mi_bins: int = _option(32, "histogram bins of the mi and nmi losses (each image binned over its own range)")
     pyramid_levels: int = _option(2, "coarse-to-fine image levels of the deformable stage (halving per level)")
     max_loss_voxels: int = _option(128**3, "finest image level used by the loss has at most this many voxels (0 = full resolution; default 128^3, so a 1 mm 256^3 volume is matched at 2 mm)")
     iterations: int = _option(400, "maximum Adam iterations of the deformable stage (split over the pyramid levels)")
@@ -89,6 +94,8 @@ class RegistrationConfig:
         for name in ("iterations", "channels", "levels", "input_channels", "lncc_window"):
             if getattr(self, name) < 1:
                 raise DipregError(f"option {name}={getattr(self, name)}: must be at least 1")
+        if self.mi_bins < 8:
+            raise DipregError(f"option mi_bins={self.mi_bins}: must be at least 8")
         if self.learning_rate <= 0 or self.regularization < 0:
             raise DipregError("options learning_rate must be > 0 and regularization >= 0")
 
@@ -153,13 +160,13 @@ class OptimisationResult:
             coordinates; identity without the stage).
         field: the deformable part as optimised: velocity (``svf``) or displacement, mm in
             world axes, ``[1, ndim, *field_shape]`` on the coarse field grid that spans the
-            image's extent (see :meth:`Grid.coarser`).
+            image's extent (see :meth:`Grid.coarser`); None for a rigid or affine transform.
     """
 
     displacement: torch.Tensor
     affine_matrix: torch.Tensor
     affine_translation: torch.Tensor
-    field: torch.Tensor
+    field: torch.Tensor | None
     loss_history: list[float]
     iterations: int
     seconds: float
@@ -316,55 +323,103 @@ def affine_displacement(matrix: torch.Tensor, translation: torch.Tensor, identit
     return field.movedim(-1, 1)
 
 
-def center_of_mass(image: torch.Tensor, identity: torch.Tensor) -> torch.Tensor:
-    """Intensity-weighted centre (normalised coordinates) of a ``[1, 1, *spatial]`` image."""
-    weights = image.reshape(-1, 1)
-    return (identity.reshape(-1, identity.shape[-1]) * weights).sum(0) / weights.sum().clamp_min(1e-8)
+def similarity_weight(fixed_mask: torch.Tensor | None, moving_mask: torch.Tensor | None,
+                      displacement: torch.Tensor, identity: torch.Tensor) -> torch.Tensor | None:
+    """Voxel weight of the similarity: the fixed mask times the moving mask warped with the
+    moving image (either may be None; None when both are)."""
+    if moving_mask is None:
+        return fixed_mask
+    warped_mask = warp(moving_mask, displacement, identity)
+    return warped_mask if fixed_mask is None else fixed_mask * warped_mask
+
+
+def downsample_mask(mask: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor | None:
+    """A mask on a pyramid level (smoothed like the images: soft weights at its border)."""
+    return None if mask is None else downsample(mask, shape)
+
+
+def affine_loss_name(config: "RegistrationConfig") -> str:
+    """The similarity of the rigid/affine stage: ``affine_loss``, or for ``auto`` the
+    deformable loss when it is mutual information, else global NCC."""
+    if config.affine_loss != "auto":
+        return config.affine_loss
+    return config.loss if config.loss in ("mi", "nmi") else "ncc"
 
 
 def align_affine(fixed: torch.Tensor, moving: torch.Tensor, config: "RegistrationConfig",
-                 progress: bool) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
-    """Affine pre-alignment (normalised coordinates) by global NCC on a coarse-to-fine pyramid.
+                 progress: bool, spacing: Sequence[float] | None = None, fixed_mask: torch.Tensor | None = None,
+                 moving_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """Rigid or affine alignment (normalised coordinates) on a coarse-to-fine pyramid.
 
-    Starts from the translation that aligns the intensity centres of mass.
+    Starts from ``config.init`` (see :mod:`dipreg.initialisation`) and minimises
+    ``affine_loss_name(config)`` over the voxels the masks keep (the moving mask warped with
+    the moving image). A rigid transform is a rotation in mm (``spacing`` in ``(x, y[, z])``
+    order; 1 mm if None) and a translation.
 
     Returns:
         ``(matrix, translation, loss_history)`` with ``moving(M x + t) ≈ fixed(x)``.
     """
     ndim = fixed.dim() - 2
     device = fixed.device
-    identity = identity_grid(tuple(fixed.shape[2:]), device)
-    translation = (center_of_mass(moving, identity) - center_of_mass(fixed, identity)).detach().requires_grad_(True)
-    matrix = torch.eye(ndim, device=device).requires_grad_(True)
-    optimizer = torch.optim.Adam([{"params": [matrix], "lr": config.affine_learning_rate / 4},
+    similarity = similarity_loss(affine_loss_name(config), mi_bins=config.mi_bins)
+    shapes = pyramid_shapes(tuple(fixed.shape[2:]), 3, minimum=24)[:-1] or [tuple(fixed.shape[2:])]
+    scale = half_extent(fixed.shape[2:], spacing or [1.0] * ndim, device)
+
+    def level_loss(matrix: torch.Tensor, translation: torch.Tensor, level: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        fixed_level, moving_level, fixed_mask_level, moving_mask_level, identity_level = level
+        displacement = affine_displacement(matrix, translation, identity_level)
+        weight = similarity_weight(fixed_mask_level, moving_mask_level, displacement, identity_level)
+        return similarity(fixed_level, warp(moving_level, displacement, identity_level), weight)
+
+    def pyramid_level(shape: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+        return (downsample(fixed, shape), downsample(moving, shape), downsample_mask(fixed_mask, shape),
+                downsample_mask(moving_mask, shape), identity_grid(shape, device))
+
+    coarsest = pyramid_level(shapes[0])
+    with torch.no_grad():
+        start_matrix, start_translation = initial_affine(
+            config.init, fixed, moving, spacing or [1.0] * ndim,
+            lambda matrix, translation: float(level_loss(matrix, translation, coarsest)), fixed_mask, moving_mask)
+    translation = start_translation.detach().clone().requires_grad_(True)
+    if config.transform == "rigid":
+        start_rotation = scale[:, None] * start_matrix / scale[None, :]  # D M D^-1
+        rotation = torch.zeros(1 if ndim == 2 else 3, device=device, requires_grad=True)
+        linear = [rotation]
+
+        def current_matrix() -> torch.Tensor:
+            return (rotation_from_parameters(rotation) @ start_rotation) / scale[:, None] * scale[None, :]
+    else:
+        matrix = start_matrix.detach().clone().requires_grad_(True)
+        linear = [matrix]
+
+        def current_matrix() -> torch.Tensor:
+            return matrix
+    optimizer = torch.optim.Adam([{"params": linear, "lr": config.affine_learning_rate / 4},
                                   {"params": [translation], "lr": config.affine_learning_rate}])
     history: list[float] = []
-    shapes = pyramid_shapes(tuple(fixed.shape[2:]), 3, minimum=24)[:-1] or [tuple(fixed.shape[2:])]
     iterations = max(1, config.affine_iterations // len(shapes))
     for shape in shapes:
-        fixed_level, moving_level = downsample(fixed, shape), downsample(moving, shape)
-        identity_level = identity_grid(shape, device)
+        level = coarsest if shape == shapes[0] else pyramid_level(shape)
         stopper = _Stopper(patience=30)
-        best = (math.inf, matrix.detach().clone(), translation.detach().clone())
+        best = (math.inf, linear[0].detach().clone(), translation.detach().clone())
         for iteration in tqdm(range(iterations), disable=not progress, desc=f"affine {shape}", unit="it", leave=False):
             optimizer.zero_grad(set_to_none=True)
-            warped = warp(moving_level, affine_displacement(matrix, translation, identity_level), identity_level)
-            loss = ncc(fixed_level, warped)
+            loss = level_loss(current_matrix(), translation, level)
             value = float(loss.detach())
             history.append(value)
             if value < best[0]:
-                best = (value, matrix.detach().clone(), translation.detach().clone())
+                best = (value, linear[0].detach().clone(), translation.detach().clone())
             if stopper.update(iteration, value):
                 break
             loss.backward()
             optimizer.step()
         # Adam keeps stepping near the optimum: continue from, and return, the best parameters seen.
         with torch.no_grad():
-            matrix.copy_(best[1])
+            linear[0].copy_(best[1])
             translation.copy_(best[2])
         for group in optimizer.param_groups:
             group["lr"] /= 2
-    return matrix.detach(), translation.detach(), history
+    return current_matrix().detach(), translation.detach(), history
 
 
 def optimise(
@@ -374,11 +429,14 @@ def optimise(
     config: RegistrationConfig,
     progress: bool = True,
     callback: ProgressCallback | None = None,
+    fixed_mask: torch.Tensor | None = None,
+    moving_mask: torch.Tensor | None = None,
 ) -> OptimisationResult:
     """Find the field that warps ``moving`` onto ``fixed``.
 
     Optional affine pre-alignment, then the deformable field on a coarse-to-fine image
     pyramid; the returned displacement composes both: ``u = u_affine + M u_deformable``.
+    A ``rigid`` or ``affine`` transform stops after the first stage.
 
     Args:
         fixed: ``[1, 1, *spatial]`` fixed image, intensities scaled to about [0, 1].
@@ -388,30 +446,42 @@ def optimise(
         progress: show a progress bar with the current loss.
         callback: called as ``callback(iteration, loss)`` for every deformable iteration, in
             batches of :data:`LOSS_READ_INTERVAL` (the loss is read from the device that often).
+        fixed_mask: ``[1, 1, *spatial]`` weight in [0, 1] of the fixed image's voxels in the
+            similarity (every stage and level), or None for all of them.
+        moving_mask: the same for the moving image, on the fixed grid like ``moving``; it is
+            warped with the moving image.
 
     Raises:
         DipregError: if the loss becomes NaN or Inf.
     """
     with cpu_threads(config.threads):
-        return _optimise(fixed, moving, grid, config, progress, callback)
+        return _optimise(fixed, moving, grid, config, progress, callback, fixed_mask, moving_mask)
 
 
 def _optimise(fixed: torch.Tensor, moving: torch.Tensor, grid: Grid, config: RegistrationConfig,
-              progress: bool, callback: ProgressCallback | None) -> OptimisationResult:
+              progress: bool, callback: ProgressCallback | None, fixed_mask: torch.Tensor | None,
+              moving_mask: torch.Tensor | None) -> OptimisationResult:
     start = time.perf_counter()
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     ndim = grid.ndim
     shape = grid.shape
     fixed, moving = fixed.to(device), moving.to(device)
+    fixed_mask, moving_mask = (None if mask is None else mask.to(device) for mask in (fixed_mask, moving_mask))
     identity = identity_grid(shape, device)
 
     matrix, translation = torch.eye(ndim, device=device), torch.zeros(ndim, device=device)
     history: list[float] = []
-    if config.affine:
-        matrix, translation, history = align_affine(fixed, moving, config, progress)
+    if config.affine or config.transform != "deformable":
+        matrix, translation, history = align_affine(fixed, moving, config, progress, grid.spacing, fixed_mask, moving_mask)
         with torch.no_grad():
-            moving = warp(moving, affine_displacement(matrix, translation, identity), identity)
+            affine = affine_displacement(matrix, translation, identity)
+            moving = warp(moving, affine, identity)
+            moving_mask = None if moving_mask is None else warp(moving_mask, affine, identity)
+    if config.transform != "deformable":
+        return OptimisationResult(affine_displacement(matrix, translation, identity).cpu(), matrix.cpu(),
+                                  translation.cpu(), None, history, len(history), time.perf_counter() - start,
+                                  str(device), f"{config.transform} transform: no deformable stage")
 
     coarse_shape = field_grid_shape(shape, config.field_resolution)
     coarse_spacing = grid.coarser(coarse_shape).spacing
@@ -420,7 +490,7 @@ def _optimise(fixed: torch.Tensor, moving: torch.Tensor, grid: Grid, config: Reg
         model.network.to(memory_format=torch.channels_last)
     identity_coarse = identity_grid(coarse_shape, device) if config.field == "svf" else None
     to_normalized = torch.as_tensor(grid.world_to_normalized_matrix(), dtype=torch.float32, device=device)
-    similarity = similarity_loss(config.loss, config.lncc_window)
+    similarity = similarity_loss(config.loss, config.lncc_window, config.mi_bins)
     use_graphs = config.cuda_graphs and device.type == "cuda"
     # foreach: one batched update of the network's ~100 small tensors instead of a loop over
     # them (the CPU default); the same arithmetic.
@@ -438,16 +508,20 @@ def _optimise(fixed: torch.Tensor, moving: torch.Tensor, grid: Grid, config: Reg
     iteration = 0
     for level, level_shape in enumerate(levels):
         fixed_level, moving_level = downsample(fixed, level_shape), downsample(moving, level_shape)
+        fixed_mask_level, moving_mask_level = downsample_mask(fixed_mask, level_shape), downsample_mask(moving_mask, level_shape)
         identity_level = identity if level_shape == shape else identity_grid(level_shape, device)
         stopper = _Stopper(config.patience)
         count = per_level if level < len(levels) - 1 else config.iterations - per_level * (len(levels) - 1)
         bar = tqdm(range(count), disable=not progress, desc=f"deformable {'x'.join(map(str, level_shape))}",
                    unit="it", leave=False)
         def loss_step(fixed_level=fixed_level, moving_level=moving_level, identity_level=identity_level,
-                      level_shape=level_shape) -> torch.Tensor:
+                      level_shape=level_shape, fixed_mask_level=fixed_mask_level,
+                      moving_mask_level=moving_mask_level) -> torch.Tensor:
             field_mm = model()
-            warped = warp(moving_level, displacement_from(field_mm, level_shape), identity_level)
-            loss = similarity(fixed_level, warped)
+            displacement = displacement_from(field_mm, level_shape)
+            warped = warp(moving_level, displacement, identity_level)
+            weight = similarity_weight(fixed_mask_level, moving_mask_level, displacement, identity_level)
+            loss = similarity(fixed_level, warped, weight)
             if config.regularization > 0:
                 loss = loss + config.regularization * diffusion(field_mm, coarse_spacing)
             loss.backward()

@@ -68,7 +68,7 @@ def optimisation_bytes(shape: tuple[int, ...], config: RegistrationConfig) -> in
     level = pyramid_shapes(shape, config.pyramid_levels, max_voxels=config.max_loss_voxels)[-1]
     with torch.device("meta"):
         model = FieldModel(config, ndim, field_shape)
-    similarity = similarity_loss(config.loss, config.lncc_window)
+    similarity = similarity_loss(config.loss, config.lncc_window, config.mi_bins)
 
     def step() -> None:
         image = torch.empty(1, 1, *level)

@@ -23,6 +23,7 @@ from dipreg.images import (
     as_image,
     check_compatible,
     intensity_range,
+    label_map_on,
     normalise,
     resample_to_fixed,
     resample_to_reference,
@@ -258,8 +259,25 @@ def load_initial_transform(initial_transform: InitialTransform, dimension: int) 
 
 
 def describe_initial_transform(initial_transform: InitialTransform) -> str:
-    """How the metrics name an initial transform: its file, or ``given`` for an object."""
+    """How the metrics name an initial transform (or a mask): its file, or ``given`` for an object."""
     return str(initial_transform) if isinstance(initial_transform, (str, os.PathLike)) else "given"
+
+
+MaskLike = sitk.Image | str | os.PathLike | None
+
+
+def mask_on(mask: MaskLike, image: sitk.Image) -> sitk.Image | None:
+    """A mask (file or SimpleITK image; non-zero = inside) as a 0/1 UInt8 image on ``image``'s
+    grid, resampled in physical space (nearest neighbour) when its grid differs."""
+    if mask is None:
+        return None
+    if isinstance(mask, (str, os.PathLike)):
+        labels = label_map_on(mask, image)[0]
+    elif mask.GetDimension() != image.GetDimension():
+        raise DipregError(f"mask is {mask.GetDimension()}D but its image is {image.GetDimension()}D")
+    else:
+        labels = mask if same_grid(mask, image) else resample_to_reference(mask, image, interpolation="nearest")
+    return sitk.Cast(labels != 0, sitk.sitkUInt8)
 
 
 def register(
@@ -272,6 +290,8 @@ def register(
     moving_channel: int | None = None,
     spacing: tuple[float, ...] | None = None,
     initial_transform: InitialTransform = None,
+    fixed_mask: MaskLike = None,
+    moving_mask: MaskLike = None,
     progress: bool = False,
     callback: ProgressCallback | None = None,
     **options: Any,
@@ -289,6 +309,10 @@ def register(
         initial_transform: a SimpleITK transform or an ITK transform file mapping fixed-space
             points to moving-space points (like ANTs' initial moving transform), applied before
             the affine stage; the returned displacement includes it.
+        fixed_mask, moving_mask: where the similarity is computed (a file or SimpleITK
+            image, non-zero = inside, resampled in physical space onto its image's grid by
+            nearest neighbour): every loss, the affine and the deformable stage, every
+            pyramid level; the moving mask moves with the moving image. None = everywhere.
         progress: show a progress bar.
         callback: called as ``callback(iteration, loss)`` after each iteration.
         **options: any field of :class:`dipreg.engine.RegistrationConfig`.
@@ -311,10 +335,16 @@ def register(
         array = normalise(sitk.GetArrayViewFromImage(image), value_range)
         return torch.from_numpy(array)[None, None]
 
+    fixed_weight = mask_on(fixed_mask, fixed_image)
+    moving_weight = mask_on(moving_mask, moving_image)
+    if moving_weight is not None:
+        moving_weight = resample_to_reference(moving_weight, fixed_image, initial, interpolation="nearest")
     outcome = optimise(
         tensor(fixed_image, intensity_range(fixed_image)),
         tensor(moving_on_fixed, intensity_range(moving_image)),
         grid, config, progress=progress, callback=callback,
+        fixed_mask=None if fixed_weight is None else tensor(fixed_weight, (0.0, 1.0)),
+        moving_mask=None if moving_weight is None else tensor(moving_weight, (0.0, 1.0)),
     )
     info = {
         "method": config.method,
@@ -327,6 +357,9 @@ def register(
     }
     if initial is not None:
         info["initial_transform"] = describe_initial_transform(initial_transform)
+    for name, mask in (("fixed_mask", fixed_mask), ("moving_mask", moving_mask)):
+        if mask is not None:
+            info[name] = describe_initial_transform(mask)
     transform = field_transform_from(outcome, grid, config, initial)
     return result_from_transform(fixed_image, moving_image, transform, info, outcome.loss_history)
 
@@ -336,6 +369,8 @@ def field_transform_from(outcome: OptimisationResult, grid: Grid, config: Regist
     """The world-space transform of the optimiser's output (affine stage, field as optimised)."""
     matrix, translation = grid.normalized_affine_to_world(outcome.affine_matrix.double().numpy(),
                                                           outcome.affine_translation.double().numpy())
+    if outcome.field is None:
+        return FieldTransform(grid, affine_transform(matrix, translation), None, initial=initial)
     field_grid = grid.coarser(tuple(outcome.field.shape[2:]))
     field_image = displacement_image(outcome.field[0].double().numpy(), field_grid)
     return FieldTransform(grid, affine_transform(matrix, translation), field_image,
