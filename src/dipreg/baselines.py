@@ -26,6 +26,7 @@ from dipreg.field_transform import FieldTransform, as_affine
 from dipreg.images import intensity_range, resample_to_fixed, write_image
 from dipreg.registration import (
     InitialTransform,
+    MaskLike,
     RegistrationResult,
     describe_initial_transform,
     load_initial_transform,
@@ -228,7 +229,8 @@ def check_method(method: str, preset: str | None, options: dict[str, Any]) -> No
 
 
 def run_method(method: str, fixed: sitk.Image, moving: sitk.Image, preset: str | None = None,
-               initial_transform: InitialTransform = None, **options: Any) -> RegistrationResult:
+               initial_transform: InitialTransform = None, fixed_mask: MaskLike = None,
+               moving_mask: MaskLike = None, **options: Any) -> RegistrationResult:
     """Register with one of :data:`METHODS`, timing the call and measuring its peak memory.
 
     Args:
@@ -240,6 +242,8 @@ def run_method(method: str, fixed: sitk.Image, moving: sitk.Image, preset: str |
         initial_transform: transform or ITK transform file (fixed-space points to moving-space
             points) every method starts from: ``register`` applies it itself; a baseline
             registers the moving image resampled through it. The result's field includes it.
+        fixed_mask, moving_mask: masks of the similarity (``dip`` and ``classic`` only; see
+            :func:`dipreg.register`).
         **options: registration options of ``dip`` and ``classic``.
 
     Returns:
@@ -248,15 +252,17 @@ def run_method(method: str, fixed: sitk.Image, moving: sitk.Image, preset: str |
         and ``classic`` the optimiser's own time is kept as ``optimisation_seconds``.
 
     Raises:
-        DipregError: for an unknown method, options given to a baseline, or an unusable
-            initial transform.
+        DipregError: for an unknown method, options or masks given to a baseline, or an
+            unusable initial transform.
     """
     check_method(method, preset, options)
+    if method not in DEFAULT_PRESETS and (fixed_mask is not None or moving_mask is not None):
+        raise DipregError(f"method {method} takes no similarity masks; they apply to dip and classic")
     measurement = _reset_peak_memory()
     start = time.perf_counter()
     if method in DEFAULT_PRESETS:
         result = register(fixed, moving, preset or DEFAULT_PRESETS[method], initial_transform=initial_transform,
-                          **{**options, "method": method})
+                          fixed_mask=fixed_mask, moving_mask=moving_mask, **{**options, "method": method})
         result.metrics["optimisation_seconds"] = result.metrics["seconds"]
     else:
         initial = load_initial_transform(initial_transform, fixed.GetDimension())

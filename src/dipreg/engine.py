@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from dipreg.errors import DipregError
-from dipreg.initialisation import half_extent, initial_affine, rotation_from_parameters
+from dipreg.initialisation import rotation_from_parameters
 from dipreg.losses import diffusion, similarity_loss
 from dipreg.networks import SkipGenerator
 from dipreg.transforms import Grid, identity_grid, integrate_velocity, resize_field, warp
@@ -323,6 +323,12 @@ def affine_displacement(matrix: torch.Tensor, translation: torch.Tensor, identit
     return field.movedim(-1, 1)
 
 
+def center_of_mass(image: torch.Tensor, identity: torch.Tensor) -> torch.Tensor:
+    """Intensity-weighted centre (normalised coordinates) of a ``[1, 1, *spatial]`` image."""
+    weights = image.reshape(-1, 1)
+    return (identity.reshape(-1, identity.shape[-1]) * weights).sum(0) / weights.sum().clamp_min(1e-8)
+
+
 def similarity_weight(fixed_mask: torch.Tensor | None, moving_mask: torch.Tensor | None,
                       displacement: torch.Tensor, identity: torch.Tensor) -> torch.Tensor | None:
     """Voxel weight of the similarity: the fixed mask times the moving mask warped with the
@@ -351,10 +357,11 @@ def align_affine(fixed: torch.Tensor, moving: torch.Tensor, config: "Registratio
                  moving_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
     """Rigid or affine alignment (normalised coordinates) on a coarse-to-fine pyramid.
 
-    Starts from ``config.init`` (see :mod:`dipreg.initialisation`) and minimises
-    ``affine_loss_name(config)`` over the voxels the masks keep (the moving mask warped with
-    the moving image). A rigid transform is a rotation in mm (``spacing`` in ``(x, y[, z])``
-    order; 1 mm if None) and a translation.
+    Starts from the translation that aligns the intensity centres of mass (none for
+    ``init none``; rotations found by :mod:`dipreg.initialisation` are applied before, to the
+    moving image) and minimises ``affine_loss_name(config)`` over the voxels the masks keep
+    (the moving mask warped with the moving image). A rigid transform is a rotation in mm
+    (``spacing`` in ``(x, y[, z])`` order; 1 mm if None) and a translation.
 
     Returns:
         ``(matrix, translation, loss_history)`` with ``moving(M x + t) ≈ fixed(x)``.
@@ -363,7 +370,9 @@ def align_affine(fixed: torch.Tensor, moving: torch.Tensor, config: "Registratio
     device = fixed.device
     similarity = similarity_loss(affine_loss_name(config), mi_bins=config.mi_bins)
     shapes = pyramid_shapes(tuple(fixed.shape[2:]), 3, minimum=24)[:-1] or [tuple(fixed.shape[2:])]
-    scale = half_extent(fixed.shape[2:], spacing or [1.0] * ndim, device)
+    # half the extent in mm per axis (x, y[, z]): a rotation R in mm is D^-1 R D in normalised units
+    scale = torch.tensor([(n - 1) * s / 2.0 for n, s in zip(reversed(fixed.shape[2:]), spacing or [1.0] * ndim)],
+                         device=device)
 
     def level_loss(matrix: torch.Tensor, translation: torch.Tensor, level: tuple[torch.Tensor, ...]) -> torch.Tensor:
         fixed_level, moving_level, fixed_mask_level, moving_mask_level, identity_level = level
@@ -375,21 +384,18 @@ def align_affine(fixed: torch.Tensor, moving: torch.Tensor, config: "Registratio
         return (downsample(fixed, shape), downsample(moving, shape), downsample_mask(fixed_mask, shape),
                 downsample_mask(moving_mask, shape), identity_grid(shape, device))
 
-    coarsest = pyramid_level(shapes[0])
-    with torch.no_grad():
-        start_matrix, start_translation = initial_affine(
-            config.init, fixed, moving, spacing or [1.0] * ndim,
-            lambda matrix, translation: float(level_loss(matrix, translation, coarsest)), fixed_mask, moving_mask)
-    translation = start_translation.detach().clone().requires_grad_(True)
+    identity = identity_grid(tuple(fixed.shape[2:]), device)
+    translation = torch.zeros(ndim, device=device) if config.init == "none" else \
+        center_of_mass(moving, identity) - center_of_mass(fixed, identity)
+    translation = translation.detach().requires_grad_(True)
     if config.transform == "rigid":
-        start_rotation = scale[:, None] * start_matrix / scale[None, :]  # D M D^-1
         rotation = torch.zeros(1 if ndim == 2 else 3, device=device, requires_grad=True)
         linear = [rotation]
 
         def current_matrix() -> torch.Tensor:
-            return (rotation_from_parameters(rotation) @ start_rotation) / scale[:, None] * scale[None, :]
+            return rotation_from_parameters(rotation) / scale[:, None] * scale[None, :]
     else:
-        matrix = start_matrix.detach().clone().requires_grad_(True)
+        matrix = torch.eye(ndim, device=device).requires_grad_(True)
         linear = [matrix]
 
         def current_matrix() -> torch.Tensor:
@@ -399,7 +405,7 @@ def align_affine(fixed: torch.Tensor, moving: torch.Tensor, config: "Registratio
     history: list[float] = []
     iterations = max(1, config.affine_iterations // len(shapes))
     for shape in shapes:
-        level = coarsest if shape == shapes[0] else pyramid_level(shape)
+        level = pyramid_level(shape)
         stopper = _Stopper(patience=30)
         best = (math.inf, linear[0].detach().clone(), translation.detach().clone())
         for iteration in tqdm(range(iterations), disable=not progress, desc=f"affine {shape}", unit="it", leave=False):

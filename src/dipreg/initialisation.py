@@ -1,59 +1,45 @@
 """Where the rigid/affine stage starts: centres of mass, principal axes, a coarse rotation search.
 
-Everything works in the engine's sampler-normalised coordinates ``x`` (``-1 .. 1`` per axis,
-``(x, y[, z])`` order); rotations are rotations in millimetres, ``M = D^-1 R D`` with ``D``
-the images' half extent in mm per axis (:func:`half_extent`), so that they stay rotations
-on anisotropic grids. A start is ``(M, t)`` with ``moving(M x + t) ≈ fixed(x)``.
+``init`` option:
 
 * ``none``: the identity.
-* ``centers``: the translation that aligns the intensity centres of mass.
-* ``moments``: also the principal axes of the intensity distributions; each axis' sign is
-  ambiguous, so every proper rotation that maps the fixed axes onto the moving axes is
-  tried and the one with the best similarity kept.
+* ``centers``: the translation that aligns the intensity centres of mass (found by the
+  engine's affine stage itself, on the moving image resampled onto the fixed grid).
+* ``moments``: a rotation about the centres of mass that maps the principal axes of the fixed
+  image's intensity distribution onto the moving image's. Each axis' sign is ambiguous, so
+  every proper rotation that does so is tried and the one with the best similarity kept.
 * ``search``: the best of the principal-axes candidates and a coarse set of rotations about
-  the centres of mass (2D: every 15°; 3D: the 24 rotations that map the axes onto
-  themselves, each also turned by ±30° about every axis), scored at low resolution.
+  the centres of mass (2D: every 15°; 3D: the 24 rotations that map the axes onto each other,
+  each also turned by ±30° about every axis).
+
+``moments`` and ``search`` work in world space (mm) on the images as given, before the moving
+image is resampled onto the fixed grid: a moving image whose axes are stored in another order
+than the fixed image's may reach outside the fixed grid until it is turned. Candidates are
+scored at low resolution (at most :data:`SEARCH_SIZE` voxels per axis) with the rigid/affine
+stage's similarity; the winner becomes a world transform applied before the affine stage
+(composed with a user's initial transform).
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from typing import Callable, Sequence
+from typing import Callable
 
+import numpy as np
+import SimpleITK as sitk
 import torch
 
-from dipreg.transforms import identity_grid
+from dipreg.images import intensity_range, normalise, resample_to_reference
 
 #: Starts of the rigid/affine stage (``init`` option).
 INITIALISATIONS = ("none", "centers", "moments", "search")
 
-#: Scores a candidate start ``(M, t)``: lower is better.
-CandidateScore = Callable[[torch.Tensor, torch.Tensor], float]
+#: Largest size per axis of the grid on which search candidates are scored.
+SEARCH_SIZE = 48
 
-
-def half_extent(shape: Sequence[int], spacing: Sequence[float], device: torch.device | str = "cpu") -> torch.Tensor:
-    """Half the distance in mm between the first and last voxel centres per axis, ``(x, y[, z])``.
-
-    Args:
-        shape: array shape ``(y, x)`` or ``(z, y, x)``.
-        spacing: voxel spacing in ``(x, y[, z])`` order.
-    """
-    return torch.tensor([(n - 1) * s / 2.0 for n, s in zip(reversed(shape), spacing)], device=device)
-
-
-def image_moments(image: torch.Tensor, identity: torch.Tensor, scale: torch.Tensor | None = None,
-                  mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Intensity-weighted centre (normalised coordinates) and covariance (mm², ``scale`` = half
-    extent; normalised units without it) of a ``[1, 1, *spatial]`` image, over ``mask`` if given."""
-    ndim = identity.shape[-1]
-    weights = (image if mask is None else image * mask).reshape(-1, 1).clamp_min(0.0)
-    total = weights.sum().clamp_min(1e-8)
-    points = identity.reshape(-1, ndim)
-    centre = (points * weights).sum(0) / total
-    offsets = (points - centre) * (1.0 if scale is None else scale)
-    covariance = (offsets * weights).T @ offsets / total
-    return centre, covariance
+#: A similarity loss ``(fixed, warped, mask) -> tensor`` (see :mod:`dipreg.losses`).
+Similarity = Callable[..., torch.Tensor]
 
 
 def rotation_from_parameters(parameters: torch.Tensor) -> torch.Tensor:
@@ -69,68 +55,116 @@ def rotation_from_parameters(parameters: torch.Tensor) -> torch.Tensor:
     return torch.linalg.matrix_exp(skew)
 
 
-def candidate_rotations(ndim: int, device: torch.device | str = "cpu") -> list[torch.Tensor]:
-    """The coarse rotation set of ``search`` (mm space), the identity first."""
+def world_moments(image: sitk.Image, mask: sitk.Image | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Intensity-weighted centre (mm) and covariance (mm²) of an image (intensities scaled to
+    [0, 1] robustly), weighted by ``mask`` (same grid, weights in [0, 1]) if given."""
+    weights = normalise(sitk.GetArrayViewFromImage(image), intensity_range(image)).astype(np.float64)
+    if mask is not None:
+        weights = weights * sitk.GetArrayViewFromImage(mask)
+    ndim = image.GetDimension()
+    index = np.indices(weights.shape).reshape(ndim, -1)[::-1]  # (x, y[, z]) order
+    matrix = np.reshape(image.GetDirection(), (ndim, ndim)) @ np.diag(image.GetSpacing())
+    points = matrix @ index + np.asarray(image.GetOrigin())[:, None]
+    w = weights.reshape(-1)
+    total = max(w.sum(), 1e-8)
+    centre = points @ w / total
+    offsets = points - centre[:, None]
+    return centre, (offsets * w) @ offsets.T / total
+
+
+def principal_axes_rotations(fixed_covariance: np.ndarray, moving_covariance: np.ndarray) -> list[np.ndarray]:
+    """Every proper rotation ``R = V_m S V_f^T`` taking the fixed principal axes onto the moving
+    ones (``S`` the sign choices with det R = +1)."""
+    fixed_axes = np.linalg.eigh(fixed_covariance)[1]
+    moving_axes = np.linalg.eigh(moving_covariance)[1]
+    rotations = [moving_axes @ np.diag(signs) @ fixed_axes.T
+                 for signs in itertools.product((1.0, -1.0), repeat=len(fixed_covariance))]
+    return [rotation for rotation in rotations if np.linalg.det(rotation) > 0]
+
+
+def axis_rotation(axis: int, angle: float) -> np.ndarray:
+    """The 3D rotation by ``angle`` (radians) about coordinate axis ``axis``."""
+    a, b = [i for i in range(3) if i != axis]
+    rotation = np.eye(3)
+    rotation[[a, a, b, b], [a, b, a, b]] = [math.cos(angle), -math.sin(angle), math.sin(angle), math.cos(angle)]
+    return rotation
+
+
+def candidate_rotations(ndim: int) -> list[np.ndarray]:
+    """The coarse rotation set of ``search``, the identity first."""
     if ndim == 2:
-        return [rotation_from_parameters(torch.tensor([math.radians(a)], device=device)) for a in range(0, 360, 15)]
+        return [np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
+                for a in np.radians(np.arange(0, 360, 15))]
     axis_maps = []
     for order in itertools.permutations(range(3)):
         for signs in itertools.product((1.0, -1.0), repeat=3):
-            matrix = torch.zeros(3, 3, device=device)
-            matrix[list(range(3)), list(order)] = torch.tensor(signs, device=device)
-            if torch.det(matrix) > 0:
+            matrix = np.zeros((3, 3))
+            matrix[range(3), order] = signs
+            if np.linalg.det(matrix) > 0:
                 axis_maps.append(matrix)
-    turn = math.radians(30)
-    turns = [torch.eye(3, device=device)] + [
-        rotation_from_parameters(torch.tensor(sign * turn * torch.eye(3)[axis].tolist(), device=device))
-        for axis in range(3) for sign in (1.0, -1.0)]
-    return [axis_map @ small for axis_map in axis_maps for small in turns]
+    axis_maps.sort(key=lambda m: -np.trace(m))  # the identity first
+    turns = [np.eye(3)] + [axis_rotation(axis, sign * math.radians(30)) for axis in range(3) for sign in (1, -1)]
+    return [axis_map @ turn for axis_map in axis_maps for turn in turns]
 
 
-def principal_axes_rotations(fixed_covariance: torch.Tensor, moving_covariance: torch.Tensor) -> list[torch.Tensor]:
-    """Every proper rotation ``R = V_m S V_f^T`` taking the fixed principal axes onto the moving
-    ones (``S`` the sign choices with det R = +1)."""
-    ndim = fixed_covariance.shape[0]
-    fixed_axes = torch.linalg.eigh(fixed_covariance.double())[1]
-    moving_axes = torch.linalg.eigh(moving_covariance.double())[1]
-    rotations = []
-    for signs in itertools.product((1.0, -1.0), repeat=ndim):
-        rotation = moving_axes @ torch.diag(torch.tensor(signs, dtype=torch.float64)) @ fixed_axes.T
-        if torch.det(rotation) > 0:
-            rotations.append(rotation.float().to(fixed_covariance.device))
-    return rotations
+def rotation_about(rotation: np.ndarray, fixed_centre: np.ndarray, moving_centre: np.ndarray) -> sitk.AffineTransform:
+    """``p -> R (p - c_f) + c_m``: fixed-space points to moving-space points."""
+    transform = sitk.AffineTransform(len(fixed_centre))
+    transform.SetMatrix(rotation.ravel().tolist())
+    transform.SetCenter(fixed_centre.tolist())
+    transform.SetTranslation((moving_centre - fixed_centre).tolist())
+    return transform
 
 
-def initial_affine(method: str, fixed: torch.Tensor, moving: torch.Tensor, spacing: Sequence[float],
-                   score: CandidateScore, fixed_mask: torch.Tensor | None = None,
-                   moving_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The start ``(M, t)`` of the rigid/affine stage by ``method`` (one of :data:`INITIALISATIONS`).
+def _coarse(image: sitk.Image | None) -> sitk.Image | None:
+    """The image (float) block-averaged to at most :data:`SEARCH_SIZE` voxels per axis."""
+    if image is None:
+        return None
+    factors = [max(1, math.ceil(n / SEARCH_SIZE)) for n in image.GetSize()]
+    return sitk.BinShrink(sitk.Cast(image, sitk.sitkFloat32), factors)
+
+
+def initial_rotation(method: str, fixed: sitk.Image, moving: sitk.Image, similarity: Similarity,
+                     fixed_mask: sitk.Image | None = None, moving_mask: sitk.Image | None = None
+                     ) -> sitk.AffineTransform | None:
+    """The world transform (fixed-space points to moving-space points) that ``moments`` or
+    ``search`` start from; None for ``none`` and ``centers`` (the engine's own start).
 
     Args:
-        method: ``none``, ``centers``, ``moments`` or ``search``.
-        fixed, moving: ``[1, 1, *spatial]`` images on one grid, intensities about [0, 1].
-        spacing: the grid's spacing, ``(x, y[, z])``.
-        score: similarity of a candidate (lower is better), evaluated at low resolution.
-        fixed_mask, moving_mask: optional weights: the moments are taken inside them.
+        method: one of :data:`INITIALISATIONS`.
+        fixed, moving: the images, each on its own grid.
+        similarity: the rigid/affine stage's loss; candidates are scored with it (lower is better).
+        fixed_mask, moving_mask: 0/1 masks on their images' grids: the moments are taken and
+            the similarity computed inside them.
     """
-    ndim = fixed.dim() - 2
-    device = fixed.device
-    if method == "none":
-        return torch.eye(ndim, device=device), torch.zeros(ndim, device=device)
-    identity = identity_grid(tuple(fixed.shape[2:]), device)
-    scale = half_extent(fixed.shape[2:], spacing, device)
-    fixed_centre, fixed_covariance = image_moments(fixed, identity, scale, fixed_mask)
-    moving_centre, moving_covariance = image_moments(moving, identity, scale, moving_mask)
-    if method == "centers":
-        return torch.eye(ndim, device=device), moving_centre - fixed_centre
+    if method in ("none", "centers"):
+        return None
+    coarse_fixed, coarse_moving = _coarse(fixed), _coarse(moving)
+    fixed_mask, moving_mask = _coarse(fixed_mask), _coarse(moving_mask)
+    fixed_centre, fixed_covariance = world_moments(coarse_fixed, fixed_mask)
+    moving_centre, moving_covariance = world_moments(coarse_moving, moving_mask)
     rotations = principal_axes_rotations(fixed_covariance, moving_covariance)
     if method == "search":
-        rotations = candidate_rotations(ndim, device) + rotations
-    best = (math.inf, None, None)
+        rotations = candidate_rotations(fixed.GetDimension()) + rotations
+
+    background = float(sitk.GetArrayViewFromImage(moving).min())
+
+    def tensor(image: sitk.Image, value_range: tuple[float, float]) -> torch.Tensor:
+        return torch.from_numpy(normalise(sitk.GetArrayViewFromImage(image), value_range))[None, None]
+
+    fixed_tensor = tensor(coarse_fixed, intensity_range(fixed))
+    fixed_weight = None if fixed_mask is None else tensor(fixed_mask, (0.0, 1.0))
+    moving_range = intensity_range(moving)
+    best = (math.inf, None)
     for rotation in rotations:
-        matrix = rotation / scale[:, None] * scale[None, :]  # D^-1 R D
-        translation = moving_centre - matrix @ fixed_centre
-        value = score(matrix, translation)
+        transform = rotation_about(rotation, fixed_centre, moving_centre)
+        warped = tensor(resample_to_reference(coarse_moving, coarse_fixed, transform, default_value=background),
+                        moving_range)
+        weight = fixed_weight
+        if moving_mask is not None:
+            warped_mask = tensor(resample_to_reference(moving_mask, coarse_fixed, transform), (0.0, 1.0))
+            weight = warped_mask if weight is None else weight * warped_mask
+        value = float(similarity(fixed_tensor, warped, weight))
         if value < best[0]:
-            best = (value, matrix, translation)
-    return best[1], best[2]
+            best = (value, transform)
+    return best[1]

@@ -16,7 +16,14 @@ import SimpleITK as sitk
 import torch
 
 from dipreg import __version__
-from dipreg.engine import OptimisationResult, ProgressCallback, RegistrationConfig, make_config, optimise
+from dipreg.engine import (
+    OptimisationResult,
+    ProgressCallback,
+    RegistrationConfig,
+    affine_loss_name,
+    make_config,
+    optimise,
+)
 from dipreg.errors import DipregError
 from dipreg.images import (
     ImageLike,
@@ -31,6 +38,8 @@ from dipreg.images import (
     write_image,
 )
 from dipreg.field_transform import FieldTransform, affine_transform
+from dipreg.initialisation import initial_rotation
+from dipreg.losses import similarity_loss
 from dipreg.memory import check_memory
 from dipreg.landmarks import landmark_errors, write_landmark_table
 from dipreg.metrics import dice, image_metrics, jacobian_statistics
@@ -325,18 +334,19 @@ def register(
     """
     config = make_config(preset, **options)
     fixed_image, moving_image = load_pair(fixed, moving, channel, fixed_channel, moving_channel, spacing)
-    initial = load_initial_transform(initial_transform, fixed_image.GetDimension())
-    moving_on_fixed = (moving_image if initial is None and same_grid(fixed_image, moving_image)
-                       else resample_to_fixed(moving_image, fixed_image, initial))
+    user_initial = load_initial_transform(initial_transform, fixed_image.GetDimension())
     grid = Grid.from_image(fixed_image)
     check_memory(grid.shape, config)
+    fixed_weight = mask_on(fixed_mask, fixed_image)
+    moving_weight = mask_on(moving_mask, moving_image)
+    initial, init_info = starting_transform(fixed_image, moving_image, config, user_initial, fixed_weight, moving_weight)
+    moving_on_fixed = (moving_image if initial is None and same_grid(fixed_image, moving_image)
+                       else resample_to_fixed(moving_image, fixed_image, initial))
 
     def tensor(image: sitk.Image, value_range: tuple[float, float]) -> torch.Tensor:
         array = normalise(sitk.GetArrayViewFromImage(image), value_range)
         return torch.from_numpy(array)[None, None]
 
-    fixed_weight = mask_on(fixed_mask, fixed_image)
-    moving_weight = mask_on(moving_mask, moving_image)
     if moving_weight is not None:
         moving_weight = resample_to_reference(moving_weight, fixed_image, initial, interpolation="nearest")
     outcome = optimise(
@@ -355,13 +365,34 @@ def register(
         "device": outcome.device,
         "options": dataclasses.asdict(config),
     }
-    if initial is not None:
+    if user_initial is not None:
         info["initial_transform"] = describe_initial_transform(initial_transform)
+    info.update(init_info)
     for name, mask in (("fixed_mask", fixed_mask), ("moving_mask", moving_mask)):
         if mask is not None:
             info[name] = describe_initial_transform(mask)
     transform = field_transform_from(outcome, grid, config, initial)
     return result_from_transform(fixed_image, moving_image, transform, info, outcome.loss_history)
+
+
+def starting_transform(fixed: sitk.Image, moving: sitk.Image, config: RegistrationConfig,
+                       user_initial: sitk.Transform | None, fixed_mask: sitk.Image | None = None,
+                       moving_mask: sitk.Image | None = None) -> tuple[sitk.Transform | None, dict[str, Any]]:
+    """The transform the optimisation starts from: the user's initial transform followed by the
+    rotation of ``init moments|search`` (:func:`dipreg.initialisation.initial_rotation`, searched
+    on the images as given, or through the user's transform on the fixed grid), and the
+    metrics entry describing the rotation."""
+    if config.init in ("none", "centers") or (not config.affine and config.transform == "deformable"):
+        return user_initial, {}
+    if user_initial is not None:
+        moving = resample_to_fixed(moving, fixed, user_initial)
+        moving_mask = None if moving_mask is None else resample_to_reference(moving_mask, fixed, user_initial,
+                                                                               interpolation="nearest")
+    similarity = similarity_loss(affine_loss_name(config), mi_bins=config.mi_bins)
+    rotation = initial_rotation(config.init, fixed, moving, similarity, fixed_mask, moving_mask)
+    info = {"init_matrix": list(rotation.GetMatrix()), "init_translation": list(rotation.GetTranslation()),
+            "init_center": list(rotation.GetCenter())}
+    return (rotation if user_initial is None else sitk.CompositeTransform([user_initial, rotation])), info
 
 
 def field_transform_from(outcome: OptimisationResult, grid: Grid, config: RegistrationConfig,
