@@ -146,8 +146,11 @@ def itk_registration(fixed: sitk.Image, moving: sitk.Image, seed: int = 1) -> Re
     return result_from_transform(fixed, moving, transform, info)
 
 
-def ants_registration(fixed: sitk.Image, moving: sitk.Image) -> RegistrationResult:
+def ants_registration(fixed: sitk.Image, moving: sitk.Image, syn_metric: str = "mattes") -> RegistrationResult:
     """ANTsPy ``registration(type_of_transform="SyN")`` with its defaults (affine + SyN).
+
+    ``syn_metric`` is the SyN stage's similarity: ANTsPy's default ``mattes`` (mutual
+    information), or ``CC`` (neighbourhood cross-correlation), ``meansquares``, ``demons``.
 
     The forward transforms are composed by ``antsApplyTransforms`` into one displacement
     field on the fixed grid (the ITK convention dipreg uses). ``ants_warped_difference`` in
@@ -170,7 +173,8 @@ def ants_registration(fixed: sitk.Image, moving: sitk.Image) -> RegistrationResu
         write_image(moving, Path(tmp, "moving.nii.gz"))
         ants_fixed = ants.image_read(str(Path(tmp, "fixed.nii.gz")))
         ants_moving = ants.image_read(str(Path(tmp, "moving.nii.gz")))
-        outcome = ants.registration(ants_fixed, ants_moving, type_of_transform="SyN", outprefix=str(Path(tmp, "syn_")))
+        outcome = ants.registration(ants_fixed, ants_moving, type_of_transform="SyN", syn_metric=syn_metric,
+                                    outprefix=str(Path(tmp, "syn_")))
         # fwdtransforms = [Warp, GenericAffine]: p -> affine(p + warp(p)); InverseWarp inverts the warp.
         warp_path, affine_path = outcome["fwdtransforms"]
         inverse_warp_path = outcome["invtransforms"][1]
@@ -181,7 +185,7 @@ def ants_registration(fixed: sitk.Image, moving: sitk.Image) -> RegistrationResu
     for image in fields:
         image.CopyInformation(fixed)
     transform = FieldTransform(Grid.from_image(fixed), affine, fields[0], "displacement", deformable_inverse=fields[1])
-    info = {"method": "ants", "options": {"type_of_transform": "SyN", "antspyx": ants.__version__}}
+    info = {"method": "ants", "options": {"type_of_transform": "SyN", "syn_metric": syn_metric, "antspyx": ants.__version__}}
     result = result_from_transform(fixed, moving, transform, info)
     # Convention check: our field must reproduce ANTs' own warped image.
     low, high = intensity_range(moving)

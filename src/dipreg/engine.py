@@ -67,7 +67,7 @@ class RegistrationConfig:
     affine_learning_rate: float = _option(1e-2, "Adam learning rate of the affine translation (matrix: a quarter of it)")
     transform: str = _option("deformable", "transform model: rigid, affine, or deformable (the affine stage, if --affine, then the deformable field)", ("deformable", "affine", "rigid"))
     affine_loss: str = _option("auto", "similarity of the rigid/affine stage (auto: mi for --loss mi, nmi for nmi, else ncc)", ("auto", "ncc", "mi", "nmi"))
-    init: str = _option("centers", "start of the rigid/affine stage: none, centers (intensity centres of mass), moments (+ principal axes, best sign), search (+ coarse rotation search at low resolution)", ("none", "centers", "moments", "search"))
+    init: str = _option("search", "start of the rigid/affine stage: none, centers (intensity centres of mass), moments (+ principal axes, best sign), search (+ coarse rotation search at low resolution)", ("none", "centers", "moments", "search"))
     mi_bins: int = _option(32, "histogram bins of the mi and nmi losses (each image binned over its own range)")
     pyramid_levels: int = _option(2, "coarse-to-fine image levels of the deformable stage (halving per level)")
     max_loss_voxels: int = _option(128**3, "finest image level used by the loss has at most this many voxels (0 = full resolution; default 128^3, so a 1 mm 256^3 volume is matched at 2 mm)")
