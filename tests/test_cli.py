@@ -219,7 +219,7 @@ def test_unknown_option_value_is_a_usage_error(tmp_path: Path, brain_slice: sitk
     """argparse rejects a bad choice with exit code 2 before anything runs."""
     path = write(brain_slice, tmp_path / "slice.nii.gz")
     with pytest.raises(SystemExit) as info:
-        main(["register", str(path), str(path), "-o", str(tmp_path / "out"), "--loss", "nmi"])
+        main(["register", str(path), str(path), "-o", str(tmp_path / "out"), "--loss", "mind"])
     assert info.value.code == 2
     assert not (tmp_path / "out").exists()
 

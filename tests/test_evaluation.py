@@ -154,6 +154,29 @@ def test_every_method_starts_from_the_pairs_initial_transform(dataset, tmp_path,
     assert [str(t).endswith("shift.tfm") if t else t for t in seen] == [True, None]
 
 
+def test_mask_columns_reach_the_similarity_only_with_mask_similarity(dataset, tmp_path, monkeypatch):
+    """Without the option the masks only score the pair; with it dip gets them as its
+    similarity masks, the summary says which; a baseline refuses it before anything runs."""
+    root, _ = dataset
+    pairs_csv = _write_csv(root / "csv" / "masks.csv", ["fixed", "moving", "fixed_mask", "moving_mask"], [
+        ["../images/fixed.nii.gz", "../images/moving.nii.gz", "../images/mask.nii.gz", "../images/mask.nii.gz"]])
+    seen = []
+
+    def register_stub(*args, fixed_mask=None, moving_mask=None, **kwargs):
+        seen.append((fixed_mask, moving_mask))
+        raise DipregError("stub: not registering")
+
+    monkeypatch.setattr("dipreg.baselines.register", register_stub)
+    plain = evaluate(pairs_csv, tmp_path / "plain", method="dip", quiet=True)
+    masked = evaluate(pairs_csv, tmp_path / "masked", method="dip", quiet=True, mask_similarity=True)
+    assert seen[0] == (None, None)
+    assert [path.name for path in seen[1]] == ["mask.nii.gz", "mask.nii.gz"]
+    assert not plain["mask_similarity"] and masked["mask_similarity"]
+    with pytest.raises(DipregError, match="takes no similarity masks"):
+        evaluate(pairs_csv, tmp_path / "itk", method="itk", mask_similarity=True)
+    assert not (tmp_path / "itk").exists()
+
+
 def test_label_maps_on_another_grid_are_resampled_in_physical_space(dataset, tmp_path):
     root, _ = dataset
     labels = sitk.ReadImage(str(root / "images" / "labels.nii.gz"))

@@ -8,7 +8,19 @@ import numpy as np
 import pytest
 import torch
 
-from dipreg.losses import LocalNCC, diffusion, lncc, mae, mse, ncc, similarity_loss
+from dipreg.losses import (
+    SIMILARITY_LOSSES,
+    LocalNCC,
+    diffusion,
+    joint_histogram,
+    lncc,
+    mae,
+    mse,
+    mutual_information,
+    ncc,
+    normalized_mutual_information,
+    similarity_loss,
+)
 
 
 def as_tensor(array) -> torch.Tensor:
@@ -64,13 +76,19 @@ def test_lncc_of_independent_noise_is_near_one(rng: np.random.Generator) -> None
     assert lncc(a, b).item() == pytest.approx(1.0, abs=0.05)
 
 
-def _lncc_reference(fixed: np.ndarray, warped: np.ndarray, window: int, eps: float = 1e-5) -> float:
-    """Brute-force local NCC: window [i - (w-1)//2, i + w//2] per axis, clipped at the borders."""
+def _lncc_reference(fixed: np.ndarray, warped: np.ndarray, window: int, eps: float = 1e-5,
+                    mask: np.ndarray | None = None) -> float:
+    """Brute-force local NCC: window [i - (w-1)//2, i + w//2] per axis, clipped at the borders;
+    with a binary mask only the window's voxels inside it count, and only voxels inside it."""
     low, high = (window - 1) // 2, window // 2
+    mask = np.ones(fixed.shape, bool) if mask is None else mask
     values = []
     for index in itertools.product(*[range(n) for n in fixed.shape]):
+        if not mask[index]:
+            continue
         box = tuple(slice(max(0, i - low), i + high + 1) for i in index)
-        f, w = fixed[box], warped[box]
+        inside = mask[box]
+        f, w = fixed[box][inside], warped[box][inside]
         cross = (f * w).mean() - f.mean() * w.mean()
         values.append(cross**2 / (f.var() * w.var() + eps))
     return 1.0 - float(np.mean(values))
@@ -159,5 +177,108 @@ def test_similarity_loss_lncc_uses_window(rng: np.random.Generator) -> None:
 
 def test_unknown_similarity_loss_is_rejected() -> None:
     """A typo names the valid choices."""
-    with pytest.raises(ValueError, match="mae, mse, ncc, lncc"):
-        similarity_loss("nmi")
+    with pytest.raises(ValueError, match="mae, mse, ncc, lncc, mi, nmi"):
+        similarity_loss("mind")
+
+
+# -- masks -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(set(SIMILARITY_LOSSES) - {"lncc"}))
+def test_binary_mask_equals_the_loss_of_the_voxels_inside(name: str, rng: np.random.Generator) -> None:
+    """For a pointwise or global loss, a 0/1 mask is the same as dropping the voxels outside it."""
+    fixed, warped = rng.random((12, 14)), rng.random((12, 14))
+    warped[:6] = 0.7 * fixed[:6] ** 2 + 0.1  # a dependence inside the mask only
+    mask = np.zeros((12, 14), bool)
+    mask[:6] = True
+    loss = similarity_loss(name)
+    masked = loss(as_tensor(fixed), as_tensor(warped), as_tensor(mask)).item()
+    assert masked == pytest.approx(loss(as_tensor(fixed[:6]), as_tensor(warped[:6])).item(), rel=1e-9)
+    assert masked != pytest.approx(loss(as_tensor(fixed), as_tensor(warped)).item(), rel=1e-3)
+
+
+@pytest.mark.parametrize("name", sorted(SIMILARITY_LOSSES))
+def test_mask_of_ones_changes_nothing(name: str, rng: np.random.Generator) -> None:
+    fixed, warped = as_tensor(rng.random((10, 11))), as_tensor(rng.random((10, 11)))
+    loss = similarity_loss(name, lncc_window=5)
+    assert loss(fixed, warped, torch.ones_like(fixed)).item() == pytest.approx(loss(fixed, warped).item(), rel=1e-9)
+
+
+@pytest.mark.parametrize("shape, window", [((11, 13), 3), ((11, 13), 4), ((4, 6, 7), 3)])
+def test_masked_lncc_matches_brute_force_windows(shape: tuple[int, ...], window: int,
+                                                 rng: np.random.Generator) -> None:
+    """LNCC with a mask counts only the masked voxels of every window, over masked voxels."""
+    fixed = rng.random(shape)
+    warped = 0.5 * fixed + 0.3 * rng.random(shape)
+    mask = rng.random(shape) > 0.3
+    expected = _lncc_reference(fixed, warped, window, mask=mask)
+    assert lncc(as_tensor(fixed), as_tensor(warped), window=window, mask=as_tensor(mask)).item() == pytest.approx(
+        expected, rel=1e-6)
+
+
+# -- mutual information ----------------------------------------------------------------------
+
+
+def test_mutual_information_of_separated_levels_matches_scikit_learn(rng: np.random.Generator) -> None:
+    """Images with four intensity levels far apart (more than the kernel's 4-bin support): the
+    Parzen window smears each level but cannot mix them, so the MI is that of the discrete
+    labels, as scikit-learn's ``mutual_info_score`` (nats) computes it (the kernel's own entropy
+    cancels in MI, not in NMI: that is checked against the reference histogram below)."""
+    from sklearn.metrics import mutual_info_score
+
+    fixed_labels = rng.integers(0, 4, (20, 30))
+    moving_labels = np.where(rng.random((20, 30)) < 0.7, (fixed_labels * 3) % 4, rng.integers(0, 4, (20, 30)))
+    value = mutual_information(as_tensor(fixed_labels / 3.0), as_tensor(moving_labels / 3.0)).item()
+    expected = mutual_info_score(fixed_labels.ravel(), moving_labels.ravel())
+    assert -value == pytest.approx(expected, rel=1e-9)
+
+
+def _parzen_joint_reference(fixed: np.ndarray, warped: np.ndarray, weight: np.ndarray, bins: int) -> np.ndarray:
+    """Joint histogram with scipy's cubic B-spline basis element over each image's masked range."""
+    from scipy.interpolate import BSpline
+
+    kernel = BSpline.basis_element([-2, -1, 0, 1, 2], extrapolate=False)
+
+    def weights(values: np.ndarray) -> np.ndarray:
+        inside = values[weight > 0]
+        position = (values - inside.min()) / (inside.max() - inside.min()) * (bins - 5) + 2
+        return np.nan_to_num(kernel(position.ravel()[:, None] - np.arange(bins)))
+
+    joint = (weights(fixed) * weight.ravel()[:, None]).T @ weights(warped)
+    return joint / joint.sum()
+
+
+def test_joint_histogram_matches_an_independent_parzen_window(rng: np.random.Generator) -> None:
+    """Masked (soft weights) joint histogram against scipy's B-spline basis; MI and NMI from it."""
+    fixed, warped = rng.random((9, 10, 11)), rng.random((9, 10, 11)) ** 2
+    weight = np.clip(rng.random((9, 10, 11)) * 2 - 0.5, 0, 1)
+    expected = _parzen_joint_reference(fixed, warped, weight, bins=16)
+    joint = joint_histogram(as_tensor(fixed), as_tensor(warped), as_tensor(weight), bins=16).numpy()
+    np.testing.assert_allclose(joint, expected, atol=1e-12)
+    pf, pw = expected.sum(1), expected.sum(0)
+    nonzero = expected > 0
+    mi = (expected[nonzero] * np.log(expected[nonzero] / np.outer(pf, pw)[nonzero])).sum()
+    value = mutual_information(as_tensor(fixed), as_tensor(warped), as_tensor(weight), bins=16).item()
+    assert -value == pytest.approx(mi, rel=1e-6)
+
+    def entropy(p: np.ndarray) -> float:
+        return float(-(p[p > 0] * np.log(p[p > 0])).sum())
+
+    nmi = normalized_mutual_information(as_tensor(fixed), as_tensor(warped), as_tensor(weight), bins=16).item()
+    assert 2.0 - nmi == pytest.approx((entropy(pf) + entropy(pw)) / entropy(expected), rel=1e-6)
+
+
+@pytest.mark.parametrize("loss", [mutual_information, normalized_mutual_information])
+def test_mutual_information_gradient_matches_finite_differences(loss, rng: np.random.Generator) -> None:
+    """gradcheck on a tiny 6x6 image; the two extreme voxels are held fixed so that the binning
+    range (a constant of the loss) does not move under the finite differences."""
+    fixed = as_tensor(rng.random((6, 6)))
+    interior = torch.tensor(0.2 + 0.6 * rng.random(34), dtype=torch.float64, requires_grad=True)
+    mask = as_tensor(rng.random((6, 6)) > 0.2)
+    mask[..., 0, :2] = 1.0
+
+    def value(x: torch.Tensor) -> torch.Tensor:
+        warped = torch.cat([torch.tensor([0.0, 1.0], dtype=torch.float64), x]).reshape(1, 1, 6, 6)
+        return loss(fixed, warped, mask, bins=8)
+
+    assert torch.autograd.gradcheck(value, (interior,), eps=1e-6, atol=1e-6)

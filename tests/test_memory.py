@@ -48,13 +48,22 @@ def test_absurd_volume_is_refused_by_default_available_memory() -> None:
 @pytest.mark.parametrize("preset, options", [
     ("default", {}), ("default", {"channels": 128}), ("default", {"input_channels": 64, "channels": 8}),
     ("default", {"levels": 8, "skip_channels": 16, "integration_steps": 12}), ("default", {"max_loss_voxels": 0}),
-    ("paper", {}), ("classic", {}),
+    ("paper", {}), ("classic", {}), ("default", {"loss": "mi", "mi_bins": 64}),
 ])
 def test_quick_bound_is_above_the_traced_estimate(preset: str, options: dict) -> None:
     config = make_config(preset, **options)
     for shape in [(12, 12), (64, 64), (1000, 700), (16, 16, 16), (48, 64, 53), (160, 192, 144)]:
         estimate = estimate_peak_memory(shape, config)
         assert estimate <= peak_memory_upper_bound(shape, config) < 8 * estimate, (shape, options)
+
+
+def test_estimate_counts_the_mutual_information_histogram() -> None:
+    """32 more bins keep at least the two [voxels, bins] float32 Parzen weight matrices (fixed and
+    warped) of the finest loss level for the backward pass."""
+    shape = (64, 80)
+    more = estimate_peak_memory(shape, make_config(loss="mi", mi_bins=64))
+    fewer = estimate_peak_memory(shape, make_config(loss="mi", mi_bins=32))
+    assert more - fewer >= 2 * 4 * 32 * 64 * 80
 
 
 def test_check_skips_the_trace_when_the_bound_fits(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -26,6 +26,7 @@ from dipreg.images import intensity_range, resample_to_fixed, write_image
 from dipreg.options import DEFAULT_PRESETS, METHODS, make_config
 from dipreg.registration import (
     InitialTransform,
+    MaskLike,
     RegistrationResult,
     describe_initial_transform,
     load_initial_transform,
@@ -139,8 +140,11 @@ def itk_registration(fixed: sitk.Image, moving: sitk.Image, seed: int = 1) -> Re
     return result_from_transform(fixed, moving, transform, info)
 
 
-def ants_registration(fixed: sitk.Image, moving: sitk.Image) -> RegistrationResult:
+def ants_registration(fixed: sitk.Image, moving: sitk.Image, syn_metric: str = "mattes") -> RegistrationResult:
     """ANTsPy ``registration(type_of_transform="SyN")`` with its defaults (affine + SyN).
+
+    ``syn_metric`` is the SyN stage's similarity: ANTsPy's default ``mattes`` (mutual
+    information), or ``CC`` (neighbourhood cross-correlation), ``meansquares``, ``demons``.
 
     The forward transforms are composed by ``antsApplyTransforms`` into one displacement
     field on the fixed grid (the ITK convention dipreg uses). ``ants_warped_difference`` in
@@ -163,7 +167,8 @@ def ants_registration(fixed: sitk.Image, moving: sitk.Image) -> RegistrationResu
         write_image(moving, Path(tmp, "moving.nii.gz"))
         ants_fixed = ants.image_read(str(Path(tmp, "fixed.nii.gz")))
         ants_moving = ants.image_read(str(Path(tmp, "moving.nii.gz")))
-        outcome = ants.registration(ants_fixed, ants_moving, type_of_transform="SyN", outprefix=str(Path(tmp, "syn_")))
+        outcome = ants.registration(ants_fixed, ants_moving, type_of_transform="SyN", syn_metric=syn_metric,
+                                    outprefix=str(Path(tmp, "syn_")))
         # fwdtransforms = [Warp, GenericAffine]: p -> affine(p + warp(p)); InverseWarp inverts the warp.
         warp_path, affine_path = outcome["fwdtransforms"]
         inverse_warp_path = outcome["invtransforms"][1]
@@ -174,7 +179,7 @@ def ants_registration(fixed: sitk.Image, moving: sitk.Image) -> RegistrationResu
     for image in fields:
         image.CopyInformation(fixed)
     transform = FieldTransform(Grid.from_image(fixed), affine, fields[0], "displacement", deformable_inverse=fields[1])
-    info = {"method": "ants", "options": {"type_of_transform": "SyN", "antspyx": ants.__version__}}
+    info = {"method": "ants", "options": {"type_of_transform": "SyN", "syn_metric": syn_metric, "antspyx": ants.__version__}}
     result = result_from_transform(fixed, moving, transform, info)
     # Convention check: our field must reproduce ANTs' own warped image.
     low, high = intensity_range(moving)
@@ -222,7 +227,8 @@ def check_method(method: str, preset: str | None, options: dict[str, Any]) -> No
 
 
 def run_method(method: str, fixed: sitk.Image, moving: sitk.Image, preset: str | None = None,
-               initial_transform: InitialTransform = None, **options: Any) -> RegistrationResult:
+               initial_transform: InitialTransform = None, fixed_mask: MaskLike = None,
+               moving_mask: MaskLike = None, **options: Any) -> RegistrationResult:
     """Register with one of :data:`METHODS`, timing the call and measuring its peak memory.
 
     Args:
@@ -234,6 +240,8 @@ def run_method(method: str, fixed: sitk.Image, moving: sitk.Image, preset: str |
         initial_transform: transform or ITK transform file (fixed-space points to moving-space
             points) every method starts from: ``register`` applies it itself; a baseline
             registers the moving image resampled through it. The result's field includes it.
+        fixed_mask, moving_mask: masks of the similarity (``dip`` and ``classic`` only; see
+            :func:`dipreg.register`).
         **options: registration options of ``dip`` and ``classic``.
 
     Returns:
@@ -242,15 +250,17 @@ def run_method(method: str, fixed: sitk.Image, moving: sitk.Image, preset: str |
         and ``classic`` the optimiser's own time is kept as ``optimisation_seconds``.
 
     Raises:
-        DipregError: for an unknown method, options given to a baseline, or an unusable
-            initial transform.
+        DipregError: for an unknown method, options or masks given to a baseline, or an
+            unusable initial transform.
     """
     check_method(method, preset, options)
+    if method not in DEFAULT_PRESETS and (fixed_mask is not None or moving_mask is not None):
+        raise DipregError(f"method {method} takes no similarity masks; they apply to dip and classic")
     measurement = _reset_peak_memory()
     start = time.perf_counter()
     if method in DEFAULT_PRESETS:
         result = register(fixed, moving, preset or DEFAULT_PRESETS[method], initial_transform=initial_transform,
-                          **{**options, "method": method})
+                          fixed_mask=fixed_mask, moving_mask=moving_mask, **{**options, "method": method})
         result.metrics["optimisation_seconds"] = result.metrics["seconds"]
     else:
         initial = load_initial_transform(initial_transform, fixed.GetDimension())

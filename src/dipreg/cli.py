@@ -96,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="ITK transform file (.tfm/.txt/.mat/.h5) mapping fixed-space points to moving-space points, "
                      "applied before the affine stage, e.g. from another tool when the images' headers disagree "
                      "(default: none); the written displacement field includes it")
+    reg.add_argument("--fixed-mask", type=Path, default=None, metavar="FILE",
+                     help="where the similarity is computed in the fixed image (any readable image, non-zero = inside, "
+                     "resampled onto the fixed grid in physical space), in every stage and level (default: everywhere)")
+    reg.add_argument("--moving-mask", type=Path, default=None, metavar="FILE",
+                     help="the same for the moving image; it moves with the moving image, e.g. to leave out a lesion "
+                     "(default: everywhere)")
     reg.add_argument("--moving-labels", type=Path, default=None, metavar="FILE",
                      help="label map of the moving image, warped onto the fixed grid as warped_labels.nii.gz (default: none)")
     reg.add_argument("--fixed-labels", type=Path, default=None, metavar="FILE",
@@ -168,7 +174,9 @@ def _run_registration(fixed, moving, args: argparse.Namespace) -> int:
     from dipreg.registration import register
 
     result = register(fixed, moving, args.preset, channel=args.channel, progress=not args.quiet,
-                      initial_transform=getattr(args, "initial_transform", None), **registration_options(args))
+                      initial_transform=getattr(args, "initial_transform", None),
+                      fixed_mask=getattr(args, "fixed_mask", None), moving_mask=getattr(args, "moving_mask", None),
+                      **registration_options(args))
     if labels is not None:
         fixed_labels = label_map_on(fixed_labels_path, result.fixed)[0] if fixed_labels_path else None
         result.propagate_labels(labels, fixed_labels, args.label_interpolation)

@@ -16,14 +16,15 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from dipreg.errors import DipregError
-from dipreg.losses import diffusion, ncc, similarity_loss
+from dipreg.initialisation import rotation_from_parameters
+from dipreg.losses import diffusion, similarity_loss
 from dipreg.networks import SkipGenerator
 from dipreg.options import PRESETS, RegistrationConfig, make_config  # noqa: F401 (re-exported)
 from dipreg.transforms import Grid, identity_grid, integrate_velocity, resize_field, warp
@@ -66,13 +67,13 @@ class OptimisationResult:
             coordinates; identity without the stage).
         field: the deformable part as optimised: velocity (``svf``) or displacement, mm in
             world axes, ``[1, ndim, *field_shape]`` on the coarse field grid that spans the
-            image's extent (see :meth:`Grid.coarser`).
+            image's extent (see :meth:`Grid.coarser`); None for a rigid or affine transform.
     """
 
     displacement: torch.Tensor
     affine_matrix: torch.Tensor
     affine_translation: torch.Tensor
-    field: torch.Tensor
+    field: torch.Tensor | None
     loss_history: list[float]
     iterations: int
     seconds: float
@@ -239,49 +240,103 @@ def center_of_mass(image: torch.Tensor, identity: torch.Tensor) -> torch.Tensor:
     return (identity.reshape(-1, identity.shape[-1]) * weights).sum(0) / weights.sum().clamp_min(1e-8)
 
 
-def align_affine(fixed: torch.Tensor, moving: torch.Tensor, config: "RegistrationConfig",
-                 progress: bool) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
-    """Affine pre-alignment (normalised coordinates) by global NCC on a coarse-to-fine pyramid.
+def similarity_weight(fixed_mask: torch.Tensor | None, moving_mask: torch.Tensor | None,
+                      displacement: torch.Tensor, identity: torch.Tensor) -> torch.Tensor | None:
+    """Voxel weight of the similarity: the fixed mask times the moving mask warped with the
+    moving image (either may be None; None when both are)."""
+    if moving_mask is None:
+        return fixed_mask
+    warped_mask = warp(moving_mask, displacement, identity)
+    return warped_mask if fixed_mask is None else fixed_mask * warped_mask
 
-    Starts from the translation that aligns the intensity centres of mass.
+
+def downsample_mask(mask: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor | None:
+    """A mask on a pyramid level (smoothed like the images: soft weights at its border)."""
+    return None if mask is None else downsample(mask, shape)
+
+
+def affine_loss_name(config: "RegistrationConfig") -> str:
+    """The similarity of the rigid/affine stage: ``affine_loss``, or for ``auto`` the
+    deformable loss when it is mutual information, else global NCC."""
+    if config.affine_loss != "auto":
+        return config.affine_loss
+    return config.loss if config.loss in ("mi", "nmi") else "ncc"
+
+
+def align_affine(fixed: torch.Tensor, moving: torch.Tensor, config: "RegistrationConfig",
+                 progress: bool, spacing: Sequence[float] | None = None, fixed_mask: torch.Tensor | None = None,
+                 moving_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """Rigid or affine alignment (normalised coordinates) on a coarse-to-fine pyramid.
+
+    Starts from the translation that aligns the intensity centres of mass (none for
+    ``init none``; rotations found by :mod:`dipreg.initialisation` are applied before, to the
+    moving image) and minimises ``affine_loss_name(config)`` over the voxels the masks keep
+    (the moving mask warped with the moving image). A rigid transform is a rotation in mm
+    (``spacing`` in ``(x, y[, z])`` order; 1 mm if None) and a translation.
 
     Returns:
         ``(matrix, translation, loss_history)`` with ``moving(M x + t) ≈ fixed(x)``.
     """
     ndim = fixed.dim() - 2
     device = fixed.device
+    similarity = similarity_loss(affine_loss_name(config), mi_bins=config.mi_bins)
+    shapes = pyramid_shapes(tuple(fixed.shape[2:]), 3, minimum=24)[:-1] or [tuple(fixed.shape[2:])]
+    # half the extent in mm per axis (x, y[, z]): a rotation R in mm is D^-1 R D in normalised units
+    scale = torch.tensor([(n - 1) * s / 2.0 for n, s in zip(reversed(fixed.shape[2:]), spacing or [1.0] * ndim)],
+                         device=device)
+
+    def level_loss(matrix: torch.Tensor, translation: torch.Tensor, level: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        fixed_level, moving_level, fixed_mask_level, moving_mask_level, identity_level = level
+        displacement = affine_displacement(matrix, translation, identity_level)
+        weight = similarity_weight(fixed_mask_level, moving_mask_level, displacement, identity_level)
+        return similarity(fixed_level, warp(moving_level, displacement, identity_level), weight)
+
+    def pyramid_level(shape: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+        return (downsample(fixed, shape), downsample(moving, shape), downsample_mask(fixed_mask, shape),
+                downsample_mask(moving_mask, shape), identity_grid(shape, device))
+
     identity = identity_grid(tuple(fixed.shape[2:]), device)
-    translation = (center_of_mass(moving, identity) - center_of_mass(fixed, identity)).detach().requires_grad_(True)
-    matrix = torch.eye(ndim, device=device).requires_grad_(True)
-    optimizer = torch.optim.Adam([{"params": [matrix], "lr": config.affine_learning_rate / 4},
+    translation = torch.zeros(ndim, device=device) if config.init == "none" else \
+        center_of_mass(moving, identity) - center_of_mass(fixed, identity)
+    translation = translation.detach().requires_grad_(True)
+    if config.transform == "rigid":
+        rotation = torch.zeros(1 if ndim == 2 else 3, device=device, requires_grad=True)
+        linear = [rotation]
+
+        def current_matrix() -> torch.Tensor:
+            return rotation_from_parameters(rotation) / scale[:, None] * scale[None, :]
+    else:
+        matrix = torch.eye(ndim, device=device).requires_grad_(True)
+        linear = [matrix]
+
+        def current_matrix() -> torch.Tensor:
+            return matrix
+    optimizer = torch.optim.Adam([{"params": linear, "lr": config.affine_learning_rate / 4},
                                   {"params": [translation], "lr": config.affine_learning_rate}])
     history: list[float] = []
-    shapes = pyramid_shapes(tuple(fixed.shape[2:]), 3, minimum=24)[:-1] or [tuple(fixed.shape[2:])]
     iterations = max(1, config.affine_iterations // len(shapes))
     for shape in shapes:
-        fixed_level, moving_level = downsample(fixed, shape), downsample(moving, shape)
-        identity_level = identity_grid(shape, device)
+        level = pyramid_level(shape)
         stopper = _Stopper(patience=30)
-        best = (math.inf, matrix.detach().clone(), translation.detach().clone())
+        best = (math.inf, linear[0].detach().clone(), translation.detach().clone())
         for iteration in tqdm(range(iterations), disable=not progress, desc=f"affine {shape}", unit="it", leave=False):
             optimizer.zero_grad(set_to_none=True)
-            warped = warp(moving_level, affine_displacement(matrix, translation, identity_level), identity_level)
-            loss = ncc(fixed_level, warped)
+            loss = level_loss(current_matrix(), translation, level)
             value = float(loss.detach())
             history.append(value)
             if value < best[0]:
-                best = (value, matrix.detach().clone(), translation.detach().clone())
+                best = (value, linear[0].detach().clone(), translation.detach().clone())
             if stopper.update(iteration, value):
                 break
             loss.backward()
             optimizer.step()
         # Adam keeps stepping near the optimum: continue from, and return, the best parameters seen.
         with torch.no_grad():
-            matrix.copy_(best[1])
+            linear[0].copy_(best[1])
             translation.copy_(best[2])
         for group in optimizer.param_groups:
             group["lr"] /= 2
-    return matrix.detach(), translation.detach(), history
+    return current_matrix().detach(), translation.detach(), history
 
 
 def optimise(
@@ -291,11 +346,14 @@ def optimise(
     config: RegistrationConfig,
     progress: bool = True,
     callback: ProgressCallback | None = None,
+    fixed_mask: torch.Tensor | None = None,
+    moving_mask: torch.Tensor | None = None,
 ) -> OptimisationResult:
     """Find the field that warps ``moving`` onto ``fixed``.
 
     Optional affine pre-alignment, then the deformable field on a coarse-to-fine image
     pyramid; the returned displacement composes both: ``u = u_affine + M u_deformable``.
+    A ``rigid`` or ``affine`` transform stops after the first stage.
 
     Args:
         fixed: ``[1, 1, *spatial]`` fixed image, intensities scaled to about [0, 1].
@@ -305,32 +363,48 @@ def optimise(
         progress: show a progress bar with the current loss.
         callback: called as ``callback(iteration, loss)`` for every deformable iteration, in
             batches of :data:`LOSS_READ_INTERVAL` (the loss is read from the device that often).
+        fixed_mask: ``[1, 1, *spatial]`` weight in [0, 1] of the fixed image's voxels in the
+            similarity (every stage and level), or None for all of them.
+        moving_mask: the same for the moving image, on the fixed grid like ``moving``; it is
+            warped with the moving image.
 
     Raises:
         DipregError: if the loss becomes NaN or Inf.
     """
     with cpu_threads(config.threads):
-        return _optimise(fixed, moving, grid, config, progress, callback)
+        return _optimise(fixed, moving, grid, config, progress, callback, fixed_mask, moving_mask)
 
 
 def _optimise(fixed: torch.Tensor, moving: torch.Tensor, grid: Grid, config: RegistrationConfig,
-              progress: bool, callback: ProgressCallback | None) -> OptimisationResult:
+              progress: bool, callback: ProgressCallback | None, fixed_mask: torch.Tensor | None,
+              moving_mask: torch.Tensor | None) -> OptimisationResult:
     start = time.perf_counter()
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     ndim = grid.ndim
     shape = grid.shape
     fixed, moving = fixed.to(device), moving.to(device)
+    fixed_mask, moving_mask = (None if mask is None else mask.to(device) for mask in (fixed_mask, moving_mask))
     identity = identity_grid(shape, device)
 
     matrix, translation = torch.eye(ndim, device=device), torch.zeros(ndim, device=device)
     history: list[float] = []
     loss_stages: list[dict] = []
-    if config.affine:
-        matrix, translation, history = align_affine(fixed, moving, config, progress)
+    if config.affine or config.transform != "deformable":
+        matrix, translation, history = align_affine(fixed, moving, config, progress, grid.spacing, fixed_mask, moving_mask)
         loss_stages.append({"stage": "affine", "losses": list(history)})
         with torch.no_grad():
-            moving = warp(moving, affine_displacement(matrix, translation, identity), identity)
+            affine = affine_displacement(matrix, translation, identity)
+            moving = warp(moving, affine, identity)
+            moving_mask = None if moving_mask is None else warp(moving_mask, affine, identity)
+    affine_warped = moving.cpu() if config.affine or config.transform != "deformable" else None
+    if config.transform != "deformable":
+        return OptimisationResult(
+            displacement=affine_displacement(matrix, translation, identity).cpu(), affine_matrix=matrix.cpu(),
+            affine_translation=translation.cpu(), field=None, loss_history=history, iterations=len(history),
+            seconds=time.perf_counter() - start, device=str(device),
+            stop_reason=f"{config.transform} transform: no deformable stage", loss_stages=loss_stages,
+            affine_warped=affine_warped)
 
     coarse_shape = field_grid_shape(shape, config.field_resolution)
     coarse_spacing = grid.coarser(coarse_shape).spacing
@@ -339,7 +413,7 @@ def _optimise(fixed: torch.Tensor, moving: torch.Tensor, grid: Grid, config: Reg
         model.network.to(memory_format=torch.channels_last)
     identity_coarse = identity_grid(coarse_shape, device) if config.field == "svf" else None
     to_normalized = torch.as_tensor(grid.world_to_normalized_matrix(), dtype=torch.float32, device=device)
-    similarity = similarity_loss(config.loss, config.lncc_window)
+    similarity = similarity_loss(config.loss, config.lncc_window, config.mi_bins)
     use_graphs = config.cuda_graphs and device.type == "cuda"
     # foreach: one batched update of the network's ~100 small tensors instead of a loop over
     # them (the CPU default); the same arithmetic.
@@ -357,6 +431,7 @@ def _optimise(fixed: torch.Tensor, moving: torch.Tensor, grid: Grid, config: Reg
     iteration = 0
     for level, level_shape in enumerate(levels):
         fixed_level, moving_level = downsample(fixed, level_shape), downsample(moving, level_shape)
+        fixed_mask_level, moving_mask_level = downsample_mask(fixed_mask, level_shape), downsample_mask(moving_mask, level_shape)
         identity_level = identity if level_shape == shape else identity_grid(level_shape, device)
         stopper = _Stopper(config.patience)
         count = per_level if level < len(levels) - 1 else config.iterations - per_level * (len(levels) - 1)
@@ -364,10 +439,13 @@ def _optimise(fixed: torch.Tensor, moving: torch.Tensor, grid: Grid, config: Reg
         loss_stages.append(stage)
         bar = tqdm(range(count), disable=not progress, desc=stage["stage"], unit="it", leave=False)
         def loss_step(fixed_level=fixed_level, moving_level=moving_level, identity_level=identity_level,
-                      level_shape=level_shape) -> torch.Tensor:
+                      level_shape=level_shape, fixed_mask_level=fixed_mask_level,
+                      moving_mask_level=moving_mask_level) -> torch.Tensor:
             field_mm = model()
-            warped = warp(moving_level, displacement_from(field_mm, level_shape), identity_level)
-            loss = similarity(fixed_level, warped)
+            displacement = displacement_from(field_mm, level_shape)
+            warped = warp(moving_level, displacement, identity_level)
+            weight = similarity_weight(fixed_mask_level, moving_mask_level, displacement, identity_level)
+            loss = similarity(fixed_level, warped, weight)
             if config.regularization > 0:
                 loss = loss + config.regularization * diffusion(field_mm, coarse_spacing)
             loss.backward()
@@ -412,5 +490,5 @@ def _optimise(fixed: torch.Tensor, moving: torch.Tensor, grid: Grid, config: Reg
         device=str(device),
         stop_reason=stop_reason,
         loss_stages=loss_stages,
-        affine_warped=moving.cpu() if config.affine else None,
+        affine_warped=affine_warped,
     )

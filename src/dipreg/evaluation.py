@@ -8,9 +8,11 @@ PAIRS.csv columns (paths relative to the CSV file):
   and scored by Dice per label and mean.
 * ``fixed_landmarks``, ``moving_landmarks``: corresponding points (CSV ``x,y[,z]`` in LPS mm,
   or 3D Slicer ``.fcsv``/``.mrk.json``); the target registration error before and after.
-* ``fixed_mask``, ``moving_mask``: masks used for scoring only (no method sees them):
-  the endpoint error is averaged over ``fixed_mask``, and with both masks the warped
-  moving mask's Dice with the fixed mask is reported as ``mask_dice``.
+* ``fixed_mask``, ``moving_mask``: masks used for scoring: the endpoint error is averaged
+  over ``fixed_mask``, and with both masks the warped moving mask's Dice with the fixed mask
+  is reported as ``mask_dice``. No method sees them, unless ``mask_similarity`` (``dipreg
+  evaluate --mask-similarity``) also makes them the cost-function masks of ``dip`` and
+  ``classic`` (non-zero = where the similarity is computed; see :func:`dipreg.register`).
 * ``fixed_channel``, ``moving_channel``: channel per image, overriding ``--channel``.
 * ``initial_transform``: an ITK transform file (fixed-space points to moving-space points)
   every method starts from, e.g. to bring together images whose headers disagree; the
@@ -221,8 +223,9 @@ def score_pair(spec: PairSpec, result: RegistrationResult, notes: list[str],
 
 def evaluate_pair(spec: PairSpec, outdir: Path, method: str, preset: str | None = None,
                   channel: int | None = None, options: dict[str, Any] | None = None,
-                  label_interpolation: str = "label") -> dict[str, Any]:
-    """Register one pair, score it and write its outputs to ``outdir/pairs/<id>/``.
+                  label_interpolation: str = "label", mask_similarity: bool = False) -> dict[str, Any]:
+    """Register one pair, score it and write its outputs to ``outdir/pairs/<id>/`` (with
+    ``mask_similarity`` the pair's masks are also the similarity's masks).
 
     Returns:
         The pair's row of results.csv. A pair that fails (unreadable image, diverging
@@ -237,7 +240,9 @@ def evaluate_pair(spec: PairSpec, outdir: Path, method: str, preset: str | None 
 
     try:
         fixed, moving = load_pair(spec.fixed, spec.moving, channel, spec.fixed_channel, spec.moving_channel)
-        result = run_method(method, fixed, moving, preset, initial_transform=spec.initial_transform, **(options or {}))
+        masks = dict(fixed_mask=spec.fixed_mask, moving_mask=spec.moving_mask) if mask_similarity else {}
+        result = run_method(method, fixed, moving, preset, initial_transform=spec.initial_transform, **masks,
+                            **(options or {}))
         scores = score_pair(spec, result, notes, label_interpolation)
         with staged_directory(outdir / "pairs" / spec.id) as pair_dir:
             result.save(pair_dir)
@@ -386,6 +391,7 @@ def evaluate(
     scheduler: str | None = None,
     force: bool = False,
     label_interpolation: str = "label",
+    mask_similarity: bool = False,
     **options: Any,
 ) -> dict[str, Any]:
     """Run one method on every pair of a PAIRS.csv and write per-pair outputs and a summary.
@@ -410,6 +416,8 @@ def evaluate(
         force: recompute every pair, even those the ledger records as done.
         label_interpolation: how moving labels are warped: ``label`` (label-linear),
             ``nearest`` or ``linear``.
+        mask_similarity: the pairs' ``fixed_mask``/``moving_mask`` are also the masks of the
+            similarity (``dip`` and ``classic``), not only of the scores.
         **options: registration options of ``dip`` and ``classic``.
 
     Returns:
@@ -421,17 +429,22 @@ def evaluate(
     from dipreg.baselines import check_method
 
     check_method(method, preset, options)
+    if mask_similarity and method not in ("dip", "classic"):
+        raise DipregError(f"mask_similarity: method {method} takes no similarity masks; they apply to dip and classic")
     specs = read_pairs(pairs_csv)
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     settings = {"method": method, "preset": preset, "options": options, "channel": channel,
-                "label_interpolation": label_interpolation, "pairs_csv": str(Path(pairs_csv).resolve()),
-                "dipreg_version": __version__}
+                "label_interpolation": label_interpolation, "mask_similarity": mask_similarity,
+                "masks_definition": "fixed_mask/moving_mask score the pairs; with mask_similarity they are also the "
+                                    "similarity's masks" if mask_similarity else "fixed_mask/moving_mask score the pairs only",
+                "pairs_csv": str(Path(pairs_csv).resolve()), "dipreg_version": __version__}
     key_settings = {name: settings[name] for name in ("method", "preset", "options", "channel", "label_interpolation",
-                                                      "dipreg_version")}
+                                                      "mask_similarity", "dipreg_version")}
     keys = {spec.id: pair_key(spec, key_settings) for spec in specs}
     task = functools.partial(evaluate_pair, outdir=outdir, method=method, preset=preset, channel=channel,
-                             options=options, label_interpolation=label_interpolation)
+                             options=options, label_interpolation=label_interpolation,
+                             mask_similarity=mask_similarity)
     ledger = Ledger(outdir)
     with ledger.locked(outdir / "pairs"):
         todo = [spec for spec in specs
@@ -490,6 +503,9 @@ def _add_batch_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--label-interpolation", choices=list(INTERPOLATORS), default="label",
                         help="how moving labels are warped for Dice: label (label-linear, ANTs' genericLabel), "
                         "nearest or linear (default: %(default)s)")
+    parser.add_argument("--mask-similarity", action="store_true",
+                        help="also use the fixed_mask/moving_mask columns as the similarity's masks of dip and classic "
+                        "(non-zero = compared), not only for scoring (default: off)")
     parser.add_argument("--quiet", action="store_true", help="print nothing (default: off)")
 
 
@@ -536,7 +552,8 @@ def run_evaluation_command(args: argparse.Namespace) -> int:
         options.pop("method", None)
         summary = evaluate(args.pairs, args.output, args.method or "dip", args.preset, args.channel,
                            args.workers, args.quiet, args.scheduler, args.force,
-                           label_interpolation=args.label_interpolation, **options)
+                           label_interpolation=args.label_interpolation, mask_similarity=args.mask_similarity,
+                           **options)
         return EXIT_SOME_FAILED if summary["n_failed"] else 0
     from dipreg.comparison import compare
 

@@ -5,7 +5,8 @@ cost (interpreter, libraries and the two input images):
 
 * the optimisation loop: the tensors autograd saves in one iteration at the finest loss
   level (network activations on the field grid, field integration and resizing, warp
-  grids, loss intermediates), counted exactly on the ``meta`` device without allocating
+  grids, loss intermediates, e.g. the ``[voxels, bins]`` Parzen weights of the mutual
+  information losses), counted exactly on the ``meta`` device without allocating
   them, times a factor for the gradients alive during the backward pass; plus weights,
   gradients and the two Adam moments;
 * the outputs: the full-resolution field (float32 and float64 copies, the SimpleITK
@@ -68,7 +69,7 @@ def optimisation_bytes(shape: tuple[int, ...], config: RegistrationConfig) -> in
     level = pyramid_shapes(shape, config.pyramid_levels, max_voxels=config.max_loss_voxels)[-1]
     with torch.device("meta"):
         model = FieldModel(config, ndim, field_shape)
-    similarity = similarity_loss(config.loss, config.lncc_window)
+    similarity = similarity_loss(config.loss, config.lncc_window, config.mi_bins)
 
     def step() -> None:
         image = torch.empty(1, 1, *level)
@@ -115,6 +116,9 @@ NETWORK_BYTES_BOUND = 300
 NETWORK_BYTES_SLACK = 16 * _MB
 FIELD_BYTES_BOUND = 100
 CONVOLUTIONS_PER_LEVEL = 4
+#: Bytes saved per loss-level voxel and histogram bin by the mi/nmi losses (traced: about 25:
+#: the Parzen weights of both images and the kernel's intermediates).
+HISTOGRAM_BYTES_BOUND = 30
 
 
 def peak_memory_upper_bound(shape: tuple[int, ...], config: RegistrationConfig) -> int:
@@ -127,6 +131,8 @@ def peak_memory_upper_bound(shape: tuple[int, ...], config: RegistrationConfig) 
     field_voxels = math.prod(field_grid_shape(tuple(shape), config.field_resolution))
     level_voxels = math.prod(pyramid_shapes(tuple(shape), config.pyramid_levels, max_voxels=config.max_loss_voxels)[-1])
     saved = FIELD_BYTES_BOUND * (level_voxels + field_voxels * (config.integration_steps + 1))
+    if config.loss in ("mi", "nmi"):
+        saved += HISTOGRAM_BYTES_BOUND * level_voxels * config.mi_bins
     parameters = ndim * field_voxels
     if config.method == "dip":
         width = max(config.channels, config.input_channels) + config.skip_channels

@@ -65,7 +65,7 @@ class RegistrationConfig:
     """Every option of a registration; see :data:`PRESETS` for named combinations."""
 
     method: str = _option("dip", "field parameterisation: dip (network prior) or classic (free field)", ("dip", "classic"))
-    loss: str = _option("lncc", "image similarity term", ("lncc", "ncc", "mae", "mse"))
+    loss: str = _option("lncc", "image similarity term (mi, nmi: Parzen-window mutual information, normalised MI, for different contrasts)", ("lncc", "ncc", "mae", "mse", "mi", "nmi"))
     lncc_window: int = _option(9, "window width in voxels of the local NCC loss", allowed=Allowed(3, odd=True))
     regularization: float = _option(1.0, "weight of the diffusion penalty on the field (0 = none)", allowed=NON_NEGATIVE)
     field: str = _option("svf", "what is optimised: displacement, or svf (stationary velocity, diffeomorphic)", ("svf", "displacement"))
@@ -83,6 +83,10 @@ class RegistrationConfig:
     affine: bool = _option(True, "affine pre-alignment (global NCC) before the deformable stage")
     affine_iterations: int = _option(200, "Adam iterations of the affine stage", allowed=AT_LEAST_ONE)
     affine_learning_rate: float = _option(1e-2, "Adam learning rate of the affine translation (matrix: a quarter of it)", allowed=POSITIVE)
+    transform: str = _option("deformable", "transform model: rigid, affine, or deformable (the affine stage, if --affine, then the deformable field)", ("deformable", "affine", "rigid"))
+    affine_loss: str = _option("auto", "similarity of the rigid/affine stage (auto: mi for --loss mi, nmi for nmi, else ncc)", ("auto", "ncc", "mi", "nmi"))
+    init: str = _option("search", "start of the rigid/affine stage: none, centers (intensity centres of mass), moments (+ principal axes, best sign), search (+ coarse rotation search at low resolution)", ("none", "centers", "moments", "search"))
+    mi_bins: int = _option(32, "histogram bins of the mi and nmi losses (each image binned over its own range)", allowed=Allowed(8))
     pyramid_levels: int = _option(2, "coarse-to-fine image levels of the deformable stage (halving per level)", allowed=AT_LEAST_ONE)
     max_loss_voxels: int = _option(128**3, "finest image level used by the loss has at most this many voxels (0 = full resolution; default 128^3, so a 1 mm 256^3 volume is matched at 2 mm)", allowed=Allowed(16**2, also=0))
     iterations: int = _option(400, "maximum Adam iterations of the deformable stage (split over the pyramid levels)", allowed=AT_LEAST_ONE)

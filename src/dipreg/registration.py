@@ -15,7 +15,14 @@ import SimpleITK as sitk
 import torch
 
 from dipreg import __version__
-from dipreg.engine import OptimisationResult, ProgressCallback, RegistrationConfig, make_config, optimise
+from dipreg.engine import (
+    OptimisationResult,
+    ProgressCallback,
+    RegistrationConfig,
+    affine_loss_name,
+    make_config,
+    optimise,
+)
 from dipreg.errors import DipregError
 from dipreg.images import (
     ImageLike,
@@ -24,6 +31,7 @@ from dipreg.images import (
     check_moving_on_fixed,
     image_shape,
     intensity_range,
+    label_map_on,
     normalise,
     resample_to_fixed,
     resample_to_reference,
@@ -31,6 +39,8 @@ from dipreg.images import (
     write_image,
 )
 from dipreg.field_transform import FieldTransform, affine_transform
+from dipreg.initialisation import initial_rotation
+from dipreg.losses import similarity_loss
 from dipreg.memory import check_memory
 from dipreg.metric_catalogue import METRICS
 from dipreg.landmarks import landmark_errors, write_landmark_table
@@ -269,8 +279,25 @@ def load_initial_transform(initial_transform: InitialTransform, dimension: int) 
 
 
 def describe_initial_transform(initial_transform: InitialTransform) -> str:
-    """How the metrics name an initial transform: its file, or ``given`` for an object."""
+    """How the metrics name an initial transform (or a mask): its file, or ``given`` for an object."""
     return str(initial_transform) if isinstance(initial_transform, (str, os.PathLike)) else "given"
+
+
+MaskLike = sitk.Image | str | os.PathLike | None
+
+
+def mask_on(mask: MaskLike, image: sitk.Image) -> sitk.Image | None:
+    """A mask (file or SimpleITK image; non-zero = inside) as a 0/1 UInt8 image on ``image``'s
+    grid, resampled in physical space (nearest neighbour) when its grid differs."""
+    if mask is None:
+        return None
+    if isinstance(mask, (str, os.PathLike)):
+        labels = label_map_on(mask, image)[0]
+    elif mask.GetDimension() != image.GetDimension():
+        raise DipregError(f"mask is {mask.GetDimension()}D but its image is {image.GetDimension()}D")
+    else:
+        labels = mask if same_grid(mask, image) else resample_to_reference(mask, image, interpolation="nearest")
+    return sitk.Cast(labels != 0, sitk.sitkUInt8)
 
 
 def register(
@@ -283,6 +310,8 @@ def register(
     moving_channel: int | None = None,
     spacing: tuple[float, ...] | None = None,
     initial_transform: InitialTransform = None,
+    fixed_mask: MaskLike = None,
+    moving_mask: MaskLike = None,
     progress: bool = False,
     callback: ProgressCallback | None = None,
     **options: Any,
@@ -300,6 +329,10 @@ def register(
         initial_transform: a SimpleITK transform or an ITK transform file mapping fixed-space
             points to moving-space points (like ANTs' initial moving transform), applied before
             the affine stage; the returned displacement includes it.
+        fixed_mask, moving_mask: where the similarity is computed (a file or SimpleITK
+            image, non-zero = inside, resampled in physical space onto its image's grid by
+            nearest neighbour): every loss, the affine and the deformable stage, every
+            pyramid level; the moving mask moves with the moving image. None = everywhere.
         progress: show a progress bar.
         callback: called as ``callback(iteration, loss)`` after each iteration.
         **options: any field of :class:`dipreg.engine.RegistrationConfig`.
@@ -321,19 +354,30 @@ def register(
     except DipregError as exc:
         raise DipregError(f"{input_name(fixed, 'fixed image')}: {exc}") from None
     fixed_image, moving_image = load_pair(fixed, moving, channel, fixed_channel, moving_channel, spacing)
-    initial = load_initial_transform(initial_transform, fixed_image.GetDimension())
+    user_initial = load_initial_transform(initial_transform, fixed_image.GetDimension())
+    grid = Grid.from_image(fixed_image)
+    fixed_weight = mask_on(fixed_mask, fixed_image)
+    moving_weight = mask_on(moving_mask, moving_image)
+    initial, init_info = starting_transform(fixed_image, moving_image, config, user_initial, fixed_weight, moving_weight)
     header_aligned = (moving_image if same_grid(fixed_image, moving_image)
                       else resample_to_fixed(moving_image, fixed_image))
     moving_on_fixed = header_aligned if initial is None else resample_to_fixed(moving_image, fixed_image, initial)
     check_moving_on_fixed(moving_image, fixed_image, moving_on_fixed, initial,
                           input_name(moving, "moving image"), input_name(fixed, "fixed image"))
-    grid = Grid.from_image(fixed_image)
-
     fixed01 = normalise(sitk.GetArrayViewFromImage(fixed_image), intensity_range(fixed_image))
+
+    def tensor(image: sitk.Image, value_range: tuple[float, float]) -> torch.Tensor:
+        array = normalise(sitk.GetArrayViewFromImage(image), value_range)
+        return torch.from_numpy(array)[None, None]
+
+    if moving_weight is not None:
+        moving_weight = resample_to_reference(moving_weight, fixed_image, initial, interpolation="nearest")
     outcome = optimise(
         torch.from_numpy(fixed01)[None, None],
         torch.from_numpy(normalise(sitk.GetArrayViewFromImage(moving_on_fixed), intensity_range(moving_image)))[None, None],
         grid, config, progress=progress, callback=callback,
+        fixed_mask=None if fixed_weight is None else tensor(fixed_weight, (0.0, 1.0)),
+        moving_mask=None if moving_weight is None else tensor(moving_weight, (0.0, 1.0)),
     )
 
     def similarity(moving01: np.ndarray) -> dict[str, float]:
@@ -355,10 +399,34 @@ def register(
         "before": before,
         "loss_stages": outcome.loss_stages,
     }
-    if initial is not None:
+    if user_initial is not None:
         info["initial_transform"] = describe_initial_transform(initial_transform)
+    info.update(init_info)
+    for name, mask in (("fixed_mask", fixed_mask), ("moving_mask", moving_mask)):
+        if mask is not None:
+            info[name] = describe_initial_transform(mask)
     transform = field_transform_from(outcome, grid, config, initial)
     return result_from_transform(fixed_image, moving_image, transform, info, outcome.loss_history)
+
+
+def starting_transform(fixed: sitk.Image, moving: sitk.Image, config: RegistrationConfig,
+                       user_initial: sitk.Transform | None, fixed_mask: sitk.Image | None = None,
+                       moving_mask: sitk.Image | None = None) -> tuple[sitk.Transform | None, dict[str, Any]]:
+    """The transform the optimisation starts from: the user's initial transform followed by the
+    rotation of ``init moments|search`` (:func:`dipreg.initialisation.initial_rotation`, searched
+    on the images as given, or through the user's transform on the fixed grid), and the
+    metrics entry describing the rotation."""
+    if config.init in ("none", "centers") or (not config.affine and config.transform == "deformable"):
+        return user_initial, {}
+    if user_initial is not None:
+        moving = resample_to_fixed(moving, fixed, user_initial)
+        moving_mask = None if moving_mask is None else resample_to_reference(moving_mask, fixed, user_initial,
+                                                                               interpolation="nearest")
+    similarity = similarity_loss(affine_loss_name(config), mi_bins=config.mi_bins)
+    rotation = initial_rotation(config.init, fixed, moving, similarity, fixed_mask, moving_mask)
+    info = {"init_matrix": list(rotation.GetMatrix()), "init_translation": list(rotation.GetTranslation()),
+            "init_center": list(rotation.GetCenter())}
+    return (rotation if user_initial is None else sitk.CompositeTransform([user_initial, rotation])), info
 
 
 def field_transform_from(outcome: OptimisationResult, grid: Grid, config: RegistrationConfig,
@@ -366,6 +434,8 @@ def field_transform_from(outcome: OptimisationResult, grid: Grid, config: Regist
     """The world-space transform of the optimiser's output (affine stage, field as optimised)."""
     matrix, translation = grid.normalized_affine_to_world(outcome.affine_matrix.double().numpy(),
                                                           outcome.affine_translation.double().numpy())
+    if outcome.field is None:
+        return FieldTransform(grid, affine_transform(matrix, translation), None, initial=initial)
     field_grid = grid.coarser(tuple(outcome.field.shape[2:]))
     field_image = displacement_image(outcome.field[0].double().numpy(), field_grid)
     return FieldTransform(grid, affine_transform(matrix, translation), field_image,
