@@ -8,6 +8,7 @@ Convention under test: the field ``u`` (mm, physical axes, on the fixed grid) sa
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -23,7 +24,7 @@ import dipreg.registration
 from dipreg.errors import DipregError
 from dipreg.outputs import FIELD_DTYPES
 from dipreg.registration import OUTPUT_FILES
-from dipreg.transforms import Grid, identity_grid, warp
+from dipreg.transforms import Grid, displacement_transform, identity_grid, warp
 
 ITERATIONS = 30
 METHODS = ["dip", "classic"]
@@ -221,11 +222,18 @@ def test_saved_displacement_equals_the_optimised_warp(shift_run: dict) -> None:
     """
     result, outcome = shift_run["result"], shift_run["outcome"]
     grid = Grid.from_image(result.fixed)
-    moving = torch.from_numpy(sitk.GetArrayFromImage(shift_run["moving"]).astype(np.float64))[None, None]
+    # The optimiser starts from the initial transform (the start search's rotation and shift).
+    initial = result.field_transform.initial
+    start = shift_run["moving"] if initial is None else sitk.Resample(shift_run["moving"], result.fixed, initial,
+                                                                        sitk.sitkLinear, 0.0)
+    moving = torch.from_numpy(sitk.GetArrayFromImage(start).astype(np.float64))[None, None]
     torch_warped = warp(moving, outcome.displacement.double(), identity_grid(grid.shape, dtype=torch.float64))
-    itk_warped = sitk.GetArrayFromImage(result.warped)
+    # ITK's side: the exported transform without the initial one, applied to the same start image.
+    optimised = dataclasses.replace(result.field_transform, initial=None).displacement_image()
+    itk_warped = sitk.GetArrayFromImage(sitk.Resample(start, result.fixed, displacement_transform(optimised),
+                                                      sitk.sitkLinear, 0.0))
 
-    index = (world_points(result.fixed) + result.displacement_array - np.asarray(grid.origin)) \
+    index = (world_points(result.fixed) + sitk.GetArrayFromImage(optimised) - np.asarray(grid.origin)) \
         @ np.linalg.inv(grid.index_to_world_matrix()).T
     inside = np.all((index > 0.5) & (index < np.asarray(grid.size) - 1.5), axis=-1)
     assert inside.mean() > 0.8
