@@ -245,15 +245,3 @@ def test_compare_labels_repeated_methods_by_folder(dataset, tmp_path):
     with pytest.raises(DipregError, match="no results.csv"):
         compare([tmp_path / "first", tmp_path / "nothing"], tmp_path / "report")
 
-
-def test_workers_run_pairs_on_dask(dataset, tmp_path):
-    pytest.importorskip("dask.distributed", reason="Dask (the dipreg[batch] extra) is not installed")
-    root, _ = dataset
-    pairs_csv = _write_csv(root / "csv" / "dask.csv", ["fixed", "moving"], [
-        ["../images/fixed.nii.gz", "../images/moving.nii.gz"], ["../images/moving.nii.gz", "../images/fixed.nii.gz"]])
-    evaluate(pairs_csv, tmp_path / "sequential", method="identity", quiet=True)
-    evaluate(pairs_csv, tmp_path / "parallel", method="identity", workers=2, quiet=True)
-    sequential, parallel = read_results(tmp_path / "sequential"), read_results(tmp_path / "parallel")
-    assert [row["id"] for row in parallel] == ["pair001", "pair002"]
-    for a, b in zip(sequential, parallel):
-        assert a["ssim"] == b["ssim"] and a["ncc"] == b["ncc"]

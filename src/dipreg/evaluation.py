@@ -1,4 +1,4 @@
-"""Batch evaluation of one method on the pairs of a PAIRS.csv: ``dipreg evaluate``.
+"""Batch evaluation of one method on the pairs of a PAIRS.csv: ``dipreg evaluate`` and ``dipreg batch``.
 
 PAIRS.csv columns (paths relative to the CSV file):
 
