@@ -38,7 +38,8 @@ import SimpleITK as sitk
 
 from dipreg import __version__
 from dipreg.cli import main as dipreg_main
-from dipreg.evaluation import DISPLAY, PATH_COLUMNS, SSIM_DEFINITION, STD_DEFINITION, read_results
+from dipreg.pairs import PATH_COLUMNS
+from dipreg.summary import DISPLAY, SSIM_DEFINITION, STD_DEFINITION, read_results
 from dipreg.images import read_image
 from dipreg.synthetic import known_warp_pair
 

@@ -52,7 +52,9 @@ import torch
 import dipreg
 from dipreg.images import read_displacement
 from dipreg.engine import make_config
-from dipreg.evaluation import PairSpec, score_pair, thread_limit, read_pairs
+from dipreg.evaluation import score_pair
+from dipreg.execution import thread_limit
+from dipreg.pairs import PairSpec, read_pairs
 from dipreg.images import write_image
 from dipreg.memory import estimate_peak_memory
 from dipreg.registration import load_pair, result_from_displacement
@@ -119,7 +121,7 @@ def score(spec: PairSpec, fixed: sitk.Image, moving: sitk.Image, outdir: Path) -
     field = sitk.Cast(read_displacement(outdir / "displacement.nii.gz"), sitk.sitkVectorFloat64)
     field.CopyInformation(fixed)  # NIfTI round trips perturb the header in the last digits
     result = result_from_displacement(fixed, moving, field, {})
-    labels, _ = score_pair(spec, result, notes=[])
+    labels = score_pair(spec, result, notes=[])
     metrics = {**result.metrics, **labels}
     return {key: metrics[key] for key in ACCURACY if key in metrics}
 

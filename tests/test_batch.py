@@ -22,7 +22,8 @@ import pytest
 import SimpleITK as sitk
 
 from dipreg.cli import main
-from dipreg.evaluation import EXIT_SOME_FAILED, read_pairs
+from dipreg.cli import EXIT_SOME_FAILED
+from dipreg.pairs import read_pairs
 from dipreg.errors import DipregError
 from dipreg.ledger import LEDGER_NAME, Ledger, pair_key
 

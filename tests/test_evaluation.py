@@ -10,7 +10,9 @@ import SimpleITK as sitk
 from dipreg.cli import main
 from dipreg.comparison import compare
 from dipreg.errors import DipregError
-from dipreg.evaluation import evaluate, read_pairs, read_results
+from dipreg.evaluation import evaluate
+from dipreg.pairs import read_pairs
+from dipreg.summary import read_results
 from dipreg.images import write_image
 from dipreg.registration import OUTPUT_FILES
 from dipreg.synthetic import known_warp_pair

@@ -14,7 +14,6 @@ from pathlib import Path
 
 from dipreg import __version__
 from dipreg.errors import DipregError
-from dipreg.evaluation import EVALUATION_COMMANDS, add_evaluation_commands, run_evaluation_command
 from dipreg.images import (
     INTERPOLATORS,
     label_map_on,
@@ -26,7 +25,7 @@ from dipreg.images import (
     write_image,
 )
 from dipreg.landmarks import read_landmarks, write_points
-from dipreg.options import PRESETS, RegistrationConfig, make_config
+from dipreg.options import METHODS, PRESETS, RegistrationConfig, make_config
 from dipreg.outputs import FIELD_DTYPES, check_output_directory
 
 SUMMARY_KEYS = ("ssim", "ncc", "folding_percent", "sdlogj", "jacobian_mean", "iterations", "seconds")
@@ -74,6 +73,95 @@ def _add_io_options(parser: argparse.ArgumentParser) -> None:
                         help="pixel type of displacement.nii.gz; float32 rounds by at most 6e-8 of each component "
                         "(6e-6 mm at 100 mm) (default: %(default)s)")
     add_registration_options(parser)
+
+
+#: Subcommands added by :func:`add_evaluation_commands`.
+EVALUATION_COMMANDS = ("evaluate", "batch", "compare")
+
+
+#: Exit status of ``dipreg evaluate`` and ``dipreg batch`` when some pairs failed.
+EXIT_SOME_FAILED = 3
+
+
+def _add_batch_options(parser: argparse.ArgumentParser) -> None:
+    """Arguments shared by ``dipreg evaluate`` and ``dipreg batch``."""
+    parser.add_argument("pairs", type=Path, help="PAIRS.csv")
+    parser.add_argument("-o", "--output", required=True, type=Path,
+                        help="output folder (created; a rerun skips the pairs already done there)")
+    add_registration_options(parser)
+    parser.set_defaults(preset=None)
+    parser.add_argument("--channel", type=int, default=None,
+                        help="channel of multi-channel images unless the CSV gives fixed_channel/moving_channel "
+                        "(e.g. 1 = FLAIR in the TCGA-LGG TIFFs) (default: none)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--workers", type=int, default=1,
+                       help="pairs at once: 1 runs them in this process; more starts a local Dask cluster of that "
+                       "many worker processes, each with cores/N threads (needs dipreg[batch]) (default: %(default)s)")
+    where.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                       help="run the pairs on a running Dask cluster, e.g. tcp://host:8786; its workers must see "
+                       "the same paths (default: none)")
+    parser.add_argument("--force", action="store_true",
+                        help="recompute every pair, also those already done with the same options (default: off)")
+    parser.add_argument("--label-interpolation", choices=list(INTERPOLATORS), default="label",
+                        help="how moving labels are warped for Dice: label (label-linear, ANTs' genericLabel), "
+                        "nearest or linear (default: %(default)s)")
+    parser.add_argument("--mask-similarity", action="store_true",
+                        help="also use the fixed_mask/moving_mask columns as the similarity's masks of dip and classic "
+                        "(non-zero = compared), not only for scoring (default: off)")
+    parser.add_argument("--quiet", action="store_true", help="print nothing (default: off)")
+
+
+def add_evaluation_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``dipreg evaluate``, ``dipreg batch`` and ``dipreg compare`` to the ``dipreg`` command's subparsers."""
+    outputs = ("Writes OUTPUT/pairs/<id>/ (the files of dipreg register), and after every pair OUTPUT/ledger.jsonl, "
+               "OUTPUT/results.csv, OUTPUT/failures.csv and OUTPUT/summary.json. A rerun skips the pairs already done "
+               "with the same options and inputs. Exit status 0 if every pair succeeded, 3 if some failed.")
+    columns = ("PAIRS.csv has columns fixed,moving; optional fixed_labels,moving_labels, fixed_mask,moving_mask, "
+               "fixed_channel,moving_channel, true_displacement, initial_transform, fixed_landmarks,moving_landmarks, "
+               "id; paths relative to the CSV.")
+    evaluate_parser = subparsers.add_parser(
+        "evaluate", conflict_handler="resolve",
+        help="run one method on every pair of a PAIRS.csv; write per-pair outputs, results.csv, summary.json",
+        description=f"Run METHOD on every pair of PAIRS.csv and print mean ± std per metric. {columns} {outputs} "
+        "--preset defaults to the method's own (default for dip, classic for classic); registration options apply "
+        "to dip and classic only.")
+    _add_batch_options(evaluate_parser)
+    evaluate_parser.add_argument("--method", choices=METHODS, default="dip",
+                                 help="dip (dipreg), classic (free field, Eq. 1), itk (SimpleITK affine + displacement "
+                                 "field), ants (ANTsPy SyN, needs dipreg[ants]), identity (no registration) "
+                                 "(default: %(default)s)")
+    batch_parser = subparsers.add_parser(
+        "batch", conflict_handler="resolve",
+        help="register every pair of a PAIRS.csv, resumably, in parallel or on a Dask cluster",
+        description=f"Register every pair of PAIRS.csv with dipreg, scoring what the CSV provides. {columns} {outputs}")
+    _add_batch_options(batch_parser)
+
+    compare_parser = subparsers.add_parser(
+        "compare", help="compare evaluate outputs: box plots, paired table, index.html",
+        description="Compare the outputs of dipreg evaluate for several methods on the same pairs: box plots per "
+        "metric, a paired table (per-pair differences, wins/losses against the first folder) and REPORT/index.html "
+        "with the QC figures of the best, median and worst pairs.")
+    compare_parser.add_argument("outdirs", nargs="+", type=Path, help="output folders of dipreg evaluate; the first is the reference")
+    compare_parser.add_argument("-o", "--output", required=True, type=Path, help="report folder (created)")
+
+
+def run_evaluation_command(args: argparse.Namespace) -> int:
+    """Run ``dipreg evaluate``, ``batch`` or ``compare`` from parsed arguments; returns the exit status."""
+    if args.command in ("evaluate", "batch"):
+        from dipreg.evaluation import evaluate
+
+        options = registration_options(args)
+        options.pop("method", None)
+        summary = evaluate(args.pairs, args.output, args.method or "dip", args.preset, args.channel,
+                           args.workers, args.quiet, args.scheduler, args.force,
+                           label_interpolation=args.label_interpolation, mask_similarity=args.mask_similarity,
+                           **options)
+        return EXIT_SOME_FAILED if summary["n_failed"] else 0
+    from dipreg.comparison import compare
+
+    index = compare(args.outdirs, args.output)
+    print(f"wrote {index}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,7 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from dipreg.errors import DipregError  # noqa: E402
-from dipreg.evaluation import DISPLAY, SSIM_DEFINITION, STD_DEFINITION, read_results  # noqa: E402
+from dipreg.summary import DISPLAY, SSIM_DEFINITION, STD_DEFINITION, read_results  # noqa: E402
 from dipreg.html_report import html_table  # noqa: E402
 from dipreg.metric_catalogue import METRICS  # noqa: E402
 

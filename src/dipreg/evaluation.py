@@ -1,42 +1,18 @@
 """Batch evaluation of one method on the pairs of a PAIRS.csv: ``dipreg evaluate`` and ``dipreg batch``.
 
-PAIRS.csv columns (paths relative to the CSV file):
-
-* ``fixed``, ``moving`` (required): the images.
-* ``fixed_labels``, ``moving_labels``: anatomical label maps; the moving one is warped by the
-  same transform (label-linear interpolation unless ``label_interpolation`` says otherwise)
-  and scored by Dice per label and mean.
-* ``fixed_landmarks``, ``moving_landmarks``: corresponding points (CSV ``x,y[,z]`` in LPS mm,
-  or 3D Slicer ``.fcsv``/``.mrk.json``); the target registration error before and after.
-* ``fixed_mask``, ``moving_mask``: masks used for scoring: the endpoint error is averaged
-  over ``fixed_mask``, and with both masks the warped moving mask's Dice with the fixed mask
-  is reported as ``mask_dice``. No method sees them, unless ``mask_similarity`` (``dipreg
-  evaluate --mask-similarity``) also makes them the cost-function masks of ``dip`` and
-  ``classic`` (non-zero = where the similarity is computed; see :func:`dipreg.register`).
-* ``fixed_channel``, ``moving_channel``: channel per image, overriding ``--channel``.
-* ``initial_transform``: an ITK transform file (fixed-space points to moving-space points)
-  every method starts from, e.g. to bring together images whose headers disagree; the
-  written field and the scores include it.
-* ``true_displacement``: the known answer of a synthetic pair (see :mod:`dipreg.synthetic`);
-  its endpoint error in mm is reported as ``epe_mm``.
-* ``id``: name of the pair's output folder (default ``pairNNN`` from the row number).
+Each pair (see :mod:`dipreg.pairs` for the columns) is registered by a method of
+:mod:`dipreg.baselines`, scored as far as its columns allow, and written to its own folder;
+:mod:`dipreg.execution` runs the pairs (in process or on Dask), :mod:`dipreg.ledger` makes the
+run resumable, :mod:`dipreg.summary` writes the tables after every pair.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import csv
 import functools
-import io
-import json
-import math
 import os
-import statistics
 import sys
-from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import SimpleITK as sitk
 from tqdm import tqdm
@@ -44,141 +20,14 @@ from tqdm import tqdm
 from dipreg import __version__
 from dipreg.errors import DipregError
 from dipreg.execution import describe_error, run_tasks
-from dipreg.images import INTERPOLATORS, label_map_on, read_displacement, same_grid
+from dipreg.images import label_map_on, read_displacement, same_grid
 from dipreg.landmarks import read_landmarks
-from dipreg.ledger import Ledger, folder_files, pair_key, staged_directory, write_text_atomic
-from dipreg.metric_catalogue import METRICS
-from dipreg.options import METHODS
+from dipreg.ledger import Ledger, folder_files, pair_key, staged_directory
+from dipreg.pairs import PairSpec, read_pairs
+from dipreg.summary import METRIC_COLUMNS, write_tables
 
 if TYPE_CHECKING:  # modules that need PyTorch or scikit-image are imported where used: the CLI starts fast
     from dipreg.registration import RegistrationResult
-
-#: Per-pair columns of results.csv before the Dice columns.
-METRIC_COLUMNS = ("ssim", "ncc", "mse", "jacobian_mean", "jacobian_std", "jacobian_min", "folding_percent", "sdlogj")
-
-#: Columns of results.csv that describe a pair rather than score it.
-TEXT_COLUMNS = ("id", "fixed", "moving", "initial_transform", "method", "error", "notes")
-
-#: How each summarised metric is printed: heading and decimals from the metric catalogue
-#: (paper format ``0.913 ± 0.051``).
-DISPLAY = {key: (METRICS[key].heading, METRICS[key].decimals) for key in (
-    *METRIC_COLUMNS, "dice_mean", "mask_dice", "epe_mm", "tre_before_mean_mm", "tre_after_mean_mm", "peak_memory_mb")}
-
-#: Subcommands added by :func:`add_evaluation_commands`.
-EVALUATION_COMMANDS = ("evaluate", "batch", "compare")
-
-#: Exit status of ``dipreg evaluate`` and ``dipreg batch`` when some pairs failed.
-EXIT_SOME_FAILED = 3
-
-SSIM_DEFINITION = f"SSIM: {METRICS['ssim'].definition}"
-STD_DEFINITION = "sample standard deviation across pairs (ddof=1)"
-
-
-@dataclass(frozen=True)
-class PairSpec:
-    """One row of PAIRS.csv with its paths resolved (``row`` counts data rows from 1)."""
-
-    row: int
-    id: str
-    fixed: Path
-    moving: Path
-    fixed_labels: Path | None = None
-    moving_labels: Path | None = None
-    fixed_mask: Path | None = None
-    moving_mask: Path | None = None
-    fixed_channel: int | None = None
-    moving_channel: int | None = None
-    true_displacement: Path | None = None
-    initial_transform: Path | None = None
-    fixed_landmarks: Path | None = None
-    moving_landmarks: Path | None = None
-
-
-PATH_COLUMNS = ("fixed", "moving", "fixed_labels", "moving_labels", "fixed_mask", "moving_mask", "true_displacement",
-                "initial_transform", "fixed_landmarks", "moving_landmarks")
-_CHANNEL_COLUMNS = ("fixed_channel", "moving_channel")
-COLUMNS = tuple(f.name for f in fields(PairSpec) if f.name != "row")
-
-
-def read_pairs(pairs_csv: str | os.PathLike) -> list[PairSpec]:
-    """Parse and check a PAIRS.csv (see the module documentation for its columns).
-
-    Raises:
-        DipregError: a missing or unknown column; or, naming every bad row (and its line) at
-            once, one line each: an empty required cell, a missing file, a bad channel, a label
-            or mask given for one image only, too many cells, or a duplicate id.
-    """
-    pairs_csv = Path(pairs_csv)
-    if not pairs_csv.is_file():
-        raise DipregError(f"{pairs_csv}: file not found")
-    base = pairs_csv.parent
-    specs: list[PairSpec] = []
-    problems: list[str] = []
-    with open(pairs_csv, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        header = [name.strip() for name in reader.fieldnames or []]
-        missing = [name for name in ("fixed", "moving") if name not in header]
-        if missing:
-            raise DipregError(f"{pairs_csv}: missing column(s) {', '.join(missing)} (header: {','.join(header)})")
-        unknown = [name for name in header if name not in COLUMNS]
-        if unknown:
-            raise DipregError(f"{pairs_csv}: unknown column(s) {', '.join(unknown)}; known: {', '.join(COLUMNS)}")
-        reader.fieldnames = header
-        for number, record in enumerate(reader, start=1):
-            where = f"{pairs_csv}: row {number} (line {reader.line_num})"
-            if None in record:
-                problems.append(f"{where}: more cells than columns")
-                continue
-            values = {name: (value or "").strip() for name, value in record.items()}
-            if not any(values.values()):
-                continue
-            try:
-                specs.append(_pair_spec(number, values, base, where))
-            except DipregError as exc:
-                problems.append(str(exc))
-    if not specs and not problems:
-        raise DipregError(f"{pairs_csv}: no pairs listed")
-    seen: dict[str, int] = {}
-    for spec in specs:
-        if spec.id in seen:
-            problems.append(f"{pairs_csv}: row {spec.row}: id {spec.id!r} already used by row {seen[spec.id]}")
-        seen.setdefault(spec.id, spec.row)
-    if len(problems) > 1:
-        raise DipregError(f"{len(problems)} bad rows in {pairs_csv} (nothing was run):\n" + "\n".join(problems))
-    if problems:
-        raise DipregError(problems[0])
-    return specs
-
-
-def _pair_spec(number: int, values: dict[str, str], base: Path, where: str) -> PairSpec:
-    entries: dict[str, Any] = {}
-    for name in ("fixed", "moving"):
-        if not values.get(name):
-            raise DipregError(f"{where}: column {name} is empty")
-    for name in PATH_COLUMNS:
-        if values.get(name):
-            path = (base / values[name]).resolve()
-            if not path.exists():
-                raise DipregError(f"{where}: {name} file {values[name]} not found (looked for {path})")
-            entries[name] = path
-    for name in _CHANNEL_COLUMNS:
-        if values.get(name):
-            try:
-                entries[name] = int(values[name])
-            except ValueError:
-                raise DipregError(f"{where}: {name} {values[name]!r} is not a whole number") from None
-            if entries[name] < 0:
-                raise DipregError(f"{where}: {name} {entries[name]} is negative")
-    if ("fixed_labels" in entries) != ("moving_labels" in entries):
-        raise DipregError(f"{where}: give both fixed_labels and moving_labels, or neither")
-    if ("fixed_landmarks" in entries) != ("moving_landmarks" in entries):
-        raise DipregError(f"{where}: give both fixed_landmarks and moving_landmarks, or neither")
-    if "moving_mask" in entries and "fixed_mask" not in entries:
-        raise DipregError(f"{where}: moving_mask needs a fixed_mask")
-    pair_id = values.get("id") or f"pair{number:03d}"
-    if pair_id in (".", "..") or any(c in pair_id for c in "/\\"):
-        raise DipregError(f"{where}: id {pair_id!r} cannot name a folder")
-    return PairSpec(row=number, id=pair_id, **entries)
 
 
 def _label_map_on(path: Path, image: sitk.Image, notes: list[str]) -> sitk.Image:
@@ -255,121 +104,6 @@ def evaluate_pair(spec: PairSpec, outdir: Path, method: str, preset: str | None 
     if notes:
         row["notes"] = "; ".join(notes)
     return row
-
-
-def _result_columns(rows: list[dict[str, Any]]) -> list[str]:
-    """Columns of results.csv in a stable order (Dice labels numerically)."""
-    present = {key for row in rows for key in row}
-    labels = sorted((key for key in present if key.startswith("dice_") and key[5:].lstrip("-").isdigit()),
-                    key=lambda key: int(key[5:]))
-    order = [*TEXT_COLUMNS[:5], *METRIC_COLUMNS, *labels, "dice_mean", "mask_dice", "tre_before_mean_mm",
-             "tre_after_mean_mm", "epe_mm",
-             "seconds", "peak_memory_mb", *TEXT_COLUMNS[5:]]
-    return [key for key in order if key in present]
-
-
-def read_results(outdir: str | os.PathLike) -> list[dict[str, Any]]:
-    """Rows of ``outdir/results.csv`` with numbers as floats (empty cells left out)."""
-    path = Path(outdir) / "results.csv"
-    if not path.is_file():
-        raise DipregError(f"{outdir}: no results.csv (is it an output folder of dipreg evaluate?)")
-    with open(path, newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
-    numeric = set(METRIC_COLUMNS) | set(DISPLAY) | {"seconds"}
-    return [{key: (float(value) if key in numeric or key.startswith("dice_") else value)
-             for key, value in row.items() if value not in ("", None)} for row in rows]
-
-
-def _statistics(values: list[float]) -> dict[str, float]:
-    finite = [v for v in values if not math.isnan(v)]
-    if not finite:
-        return {"n": 0}
-    return {
-        "n": len(finite), "mean": statistics.fmean(finite),
-        "std": statistics.stdev(finite) if len(finite) > 1 else 0.0,
-        "median": statistics.median(finite), "min": min(finite), "max": max(finite),
-    }
-
-
-def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Mean, std (ddof=1), median, min, max and count of every numeric column over the pairs."""
-    done = [row for row in rows if "error" not in row]
-    keys = [key for key in _result_columns(done) if key not in TEXT_COLUMNS]
-    return {key: _statistics([float(row[key]) for row in done if key in row]) for key in keys}
-
-
-def format_table(summary: dict[str, Any]) -> str:
-    """The summary as text in the paper's format (``SSIM  0.913 ± 0.051``), seconds as a median."""
-    stats = summary["metrics"]
-    label_keys = [key for key in stats if key.startswith("dice_") and key not in DISPLAY]
-    order: list[str] = []
-    for key in DISPLAY:
-        order += label_keys if key == "dice_mean" else []
-        order.append(key)
-    lines = [f"{summary['method']}: {summary['n_done']} of {summary['n_pairs']} pairs "
-             f"({SSIM_DEFINITION}; ± is the {STD_DEFINITION})"]
-    for key in order:
-        if stats.get(key, {}).get("n"):
-            label, decimals = DISPLAY.get(key, (f"Dice label {key[5:]}", 3))
-            lines.append(f"  {label:<16} {stats[key]['mean']:.{decimals}f} ± {stats[key]['std']:.{decimals}f}")
-    if stats.get("seconds", {}).get("n"):
-        lines.append(f"  {'seconds (median)':<16} {stats['seconds']['median']:.1f}")
-    return "\n".join(lines)
-
-
-@contextlib.contextmanager
-def thread_limit(threads: int) -> Iterator[None]:
-    """Thread counts for processes started inside the block (OpenMP/torch, ITK, ANTs)."""
-    names = ("OMP_NUM_THREADS", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS")
-    saved = {name: os.environ.get(name) for name in names}
-    os.environ.update({name: str(threads) for name in names})
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
-def _pair_metrics(outdir: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """metrics.json of the first pair that succeeded (empty if none did)."""
-    for row in rows:
-        if "error" not in row:
-            return json.loads((outdir / "pairs" / row["id"] / "metrics.json").read_text())
-    return {}
-
-
-def _csv_text(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    return text.getvalue()
-
-
-def _write_tables(outdir: Path, rows: list[dict[str, Any]], n_pairs: int, settings: dict[str, Any]) -> dict[str, Any]:
-    """Write results.csv, failures.csv and summary.json (each atomically) from the finished rows."""
-    write_text_atomic(outdir / "results.csv", _csv_text(rows, _result_columns(rows)))
-    failed = [row for row in rows if "error" in row]
-    write_text_atomic(outdir / "failures.csv", _csv_text(failed, ["id", "fixed", "moving", "error"]))
-    summary = {
-        **settings,
-        "n_pairs": n_pairs,
-        "n_done": len(rows) - len(failed),
-        "n_failed": len(failed),
-        "n_remaining": n_pairs - len(rows),
-        "failed": [{"id": row["id"], "error": row["error"]} for row in failed],
-        "metrics": summarise(rows),
-        "ssim_definition": SSIM_DEFINITION,
-        "std_definition": STD_DEFINITION,
-        "seconds_definition": "wall clock of the method on one pair, including warping and metrics",
-        "peak_memory_definition": _pair_metrics(outdir, rows).get("peak_memory_definition"),
-    }
-    summary["table"] = format_table(summary)
-    write_text_atomic(outdir / "summary.json", json.dumps(summary, indent=2, default=str))
-    return summary
 
 
 def _pair_line(row: dict[str, Any]) -> str:
@@ -460,7 +194,7 @@ def evaluate(
                        "error": error}
             ledger.append(spec.id, keys[spec.id], row,
                           {} if "error" in row else folder_files(outdir / "pairs" / spec.id))
-            summary = _write_tables(outdir, current_rows(), len(specs), settings)
+            summary = write_tables(outdir, current_rows(), len(specs), settings)
             progress.set_postfix(done=summary["n_done"], failed=summary["n_failed"],
                                  remaining=summary["n_remaining"], refresh=False)
             progress.update()
@@ -470,93 +204,10 @@ def evaluate(
         with tqdm(total=len(specs), initial=len(specs) - len(todo), unit="pair", disable=quiet, file=sys.stderr,
                   dynamic_ncols=True) as progress:
             run_tasks(task, todo, finish, workers or 1, scheduler, names=lambda spec: spec.id)
-        summary = _write_tables(outdir, current_rows(), len(specs), settings)
+        summary = write_tables(outdir, current_rows(), len(specs), settings)
     if not quiet:
         print(summary["table"])
         skipped = f" ({len(specs) - len(todo)} already done before)" if len(todo) < len(specs) else ""
         failures = f", see {outdir / 'failures.csv'}" if summary["n_failed"] else ""
         print(f"{summary['n_done']} of {len(specs)} pairs done{skipped}, {summary['n_failed']} failed{failures}")
     return summary
-
-
-def _add_batch_options(parser: argparse.ArgumentParser) -> None:
-    """Arguments shared by ``dipreg evaluate`` and ``dipreg batch``."""
-    from dipreg.cli import add_registration_options  # dipreg.cli imports this module
-
-    parser.add_argument("pairs", type=Path, help="PAIRS.csv")
-    parser.add_argument("-o", "--output", required=True, type=Path,
-                        help="output folder (created; a rerun skips the pairs already done there)")
-    add_registration_options(parser)
-    parser.set_defaults(preset=None)
-    parser.add_argument("--channel", type=int, default=None,
-                        help="channel of multi-channel images unless the CSV gives fixed_channel/moving_channel "
-                        "(e.g. 1 = FLAIR in the TCGA-LGG TIFFs) (default: none)")
-    where = parser.add_mutually_exclusive_group()
-    where.add_argument("--workers", type=int, default=1,
-                       help="pairs at once: 1 runs them in this process; more starts a local Dask cluster of that "
-                       "many worker processes, each with cores/N threads (needs dipreg[batch]) (default: %(default)s)")
-    where.add_argument("--scheduler", default=None, metavar="ADDRESS",
-                       help="run the pairs on a running Dask cluster, e.g. tcp://host:8786; its workers must see "
-                       "the same paths (default: none)")
-    parser.add_argument("--force", action="store_true",
-                        help="recompute every pair, also those already done with the same options (default: off)")
-    parser.add_argument("--label-interpolation", choices=list(INTERPOLATORS), default="label",
-                        help="how moving labels are warped for Dice: label (label-linear, ANTs' genericLabel), "
-                        "nearest or linear (default: %(default)s)")
-    parser.add_argument("--mask-similarity", action="store_true",
-                        help="also use the fixed_mask/moving_mask columns as the similarity's masks of dip and classic "
-                        "(non-zero = compared), not only for scoring (default: off)")
-    parser.add_argument("--quiet", action="store_true", help="print nothing (default: off)")
-
-
-def add_evaluation_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``dipreg evaluate``, ``dipreg batch`` and ``dipreg compare`` to the ``dipreg`` command's subparsers."""
-    outputs = ("Writes OUTPUT/pairs/<id>/ (the files of dipreg register), and after every pair OUTPUT/ledger.jsonl, "
-               "OUTPUT/results.csv, OUTPUT/failures.csv and OUTPUT/summary.json. A rerun skips the pairs already done "
-               "with the same options and inputs. Exit status 0 if every pair succeeded, 3 if some failed.")
-    columns = ("PAIRS.csv has columns fixed,moving; optional fixed_labels,moving_labels, fixed_mask,moving_mask, "
-               "fixed_channel,moving_channel, true_displacement, initial_transform, fixed_landmarks,moving_landmarks, "
-               "id; paths relative to the CSV.")
-    evaluate_parser = subparsers.add_parser(
-        "evaluate", conflict_handler="resolve",
-        help="run one method on every pair of a PAIRS.csv; write per-pair outputs, results.csv, summary.json",
-        description=f"Run METHOD on every pair of PAIRS.csv and print mean ± std per metric. {columns} {outputs} "
-        "--preset defaults to the method's own (default for dip, classic for classic); registration options apply "
-        "to dip and classic only.")
-    _add_batch_options(evaluate_parser)
-    evaluate_parser.add_argument("--method", choices=METHODS, default="dip",
-                                 help="dip (dipreg), classic (free field, Eq. 1), itk (SimpleITK affine + displacement "
-                                 "field), ants (ANTsPy SyN, needs dipreg[ants]), identity (no registration) "
-                                 "(default: %(default)s)")
-    batch_parser = subparsers.add_parser(
-        "batch", conflict_handler="resolve",
-        help="register every pair of a PAIRS.csv, resumably, in parallel or on a Dask cluster",
-        description=f"Register every pair of PAIRS.csv with dipreg, scoring what the CSV provides. {columns} {outputs}")
-    _add_batch_options(batch_parser)
-
-    compare_parser = subparsers.add_parser(
-        "compare", help="compare evaluate outputs: box plots, paired table, index.html",
-        description="Compare the outputs of dipreg evaluate for several methods on the same pairs: box plots per "
-        "metric, a paired table (per-pair differences, wins/losses against the first folder) and REPORT/index.html "
-        "with the QC figures of the best, median and worst pairs.")
-    compare_parser.add_argument("outdirs", nargs="+", type=Path, help="output folders of dipreg evaluate; the first is the reference")
-    compare_parser.add_argument("-o", "--output", required=True, type=Path, help="report folder (created)")
-
-
-def run_evaluation_command(args: argparse.Namespace) -> int:
-    """Run ``dipreg evaluate``, ``batch`` or ``compare`` from parsed arguments; returns the exit status."""
-    if args.command in ("evaluate", "batch"):
-        from dipreg.cli import registration_options  # dipreg.cli imports this module
-
-        options = registration_options(args)
-        options.pop("method", None)
-        summary = evaluate(args.pairs, args.output, args.method or "dip", args.preset, args.channel,
-                           args.workers, args.quiet, args.scheduler, args.force,
-                           label_interpolation=args.label_interpolation, mask_similarity=args.mask_similarity,
-                           **options)
-        return EXIT_SOME_FAILED if summary["n_failed"] else 0
-    from dipreg.comparison import compare
-
-    index = compare(args.outdirs, args.output)
-    print(f"wrote {index}")
-    return 0

@@ -12,9 +12,10 @@ on that host, for PyTorch, SimpleITK and the ITK inside ANTs.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 from dipreg.errors import DipregError
 
@@ -120,3 +121,19 @@ def run_tasks(task: Callable[[Item], Any], items: Sequence[Item], on_done: Calla
     finally:
         if cluster is not None:
             cluster.close()
+
+
+@contextlib.contextmanager
+def thread_limit(threads: int) -> Iterator[None]:
+    """Thread counts for processes started inside the block (OpenMP/torch, ITK, ANTs)."""
+    names = ("OMP_NUM_THREADS", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS")
+    saved = {name: os.environ.get(name) for name in names}
+    os.environ.update({name: str(threads) for name in names})
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

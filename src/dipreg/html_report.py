@@ -23,7 +23,7 @@ import platform
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import matplotlib
 
@@ -39,6 +39,7 @@ from skimage.transform import resize  # noqa: E402
 from dipreg.metric_catalogue import METRICS, metric_info  # noqa: E402
 from dipreg.reports import (  # noqa: E402
     PLANES_3D,
+    ResultLike,
     display_images,
     field_plane,
     grid_lines,
@@ -46,9 +47,6 @@ from dipreg.reports import (  # noqa: E402
     plane_slice,
 )
 from dipreg.transforms import voxel_displacement_from_image  # noqa: E402
-
-if TYPE_CHECKING:
-    from dipreg.registration import RegistrationResult
 
 #: Slices pre-rendered per plane of a 3D report: the positions of its slider.
 SLICES_PER_PLANE = 13
@@ -214,7 +212,7 @@ PANELS = (
 )
 
 
-def _volumes(result: "RegistrationResult") -> _Volumes:
+def _volumes(result: "ResultLike") -> _Volumes:
     fixed, moving, warped = display_images(result)
     det = sitk.GetArrayFromImage(result.jacobian)
     uncertainty_image = getattr(result, "uncertainty", None)
@@ -298,7 +296,7 @@ def _plane_section(name: str, views: list[_View], positions: list[int], size: in
             f"{heading}{slider}<div class='panels'>{''.join(figures)}</div></section>"), data
 
 
-def _loss_stages(result: "RegistrationResult") -> list[dict[str, Any]]:
+def _loss_stages(result: "ResultLike") -> list[dict[str, Any]]:
     stages = result.metrics.get("loss_stages")
     if stages:
         return [stage for stage in stages if stage.get("losses")]
@@ -358,7 +356,7 @@ def _versions(metrics: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
-def _image_rows(result: "RegistrationResult") -> list[list[str]]:
+def _image_rows(result: "ResultLike") -> list[list[str]]:
     def describe(name: str, image: sitk.Image) -> list[str]:
         return [name, " x ".join(map(str, image.GetSize())), " x ".join(f"{s:g}" for s in image.GetSpacing())]
     return [describe("fixed", result.fixed), describe("moving", result.moving)]
@@ -417,7 +415,7 @@ figure img{image-rendering:pixelated;background:#000} figure{max-width:min-conte
 .slider input{width:320px;vertical-align:middle} .summary{font-size:1.05em} dt{font-weight:bold}"""
 
 
-def render_html_report(result: "RegistrationResult") -> str:
+def render_html_report(result: "ResultLike") -> str:
     """The report page of a registration result as one self-contained HTML string."""
     volumes = _volumes(result)
     panels = [panel for panel in PANELS if volumes.uncertainty is not None or not panel.needs_uncertainty]
@@ -474,7 +472,7 @@ def render_html_report(result: "RegistrationResult") -> str:
 """
 
 
-def write_html_report(result: "RegistrationResult", path: str | os.PathLike) -> Path:
+def write_html_report(result: "ResultLike", path: str | os.PathLike) -> Path:
     """Write ``report.html`` (see :func:`render_html_report`) to ``path``; returns the path."""
     path = Path(path)
     path.write_text(render_html_report(result), encoding="utf-8")

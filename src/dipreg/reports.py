@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import matplotlib
 
@@ -16,8 +16,17 @@ from matplotlib.colors import TwoSlopeNorm  # noqa: E402
 from dipreg.images import intensity_range, normalise, resample_to_fixed, same_grid  # noqa: E402
 from dipreg.transforms import voxel_displacement_from_image  # noqa: E402
 
-if TYPE_CHECKING:
-    from dipreg.registration import RegistrationResult
+class ResultLike(Protocol):
+    """What the figures read of a :class:`dipreg.registration.RegistrationResult` (so that this
+    module, a lower layer, does not import the registration)."""
+
+    fixed: sitk.Image
+    moving: sitk.Image
+    warped: sitk.Image
+    displacement: sitk.Image
+    jacobian: sitk.Image
+    metrics: dict[str, Any]
+    loss_history: list[float]
 
 
 #: The orthogonal planes of a 3D volume: name and the array axis (z, y, x order) held fixed.
@@ -71,7 +80,7 @@ def jacobian_norm(det: np.ndarray) -> TwoSlopeNorm:
     return TwoSlopeNorm(1.0, min(0.0, float(det.min())), max(1.5, float(np.abs(det - 1).max()) + 1))
 
 
-def display_images(result: "RegistrationResult") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def display_images(result: "ResultLike") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Fixed, moving (resampled onto the fixed grid) and warped images scaled to [0, 1]."""
     fixed_image, moving_image = result.fixed, result.moving
     moving_on_fixed = moving_image if same_grid(fixed_image, moving_image) else resample_to_fixed(moving_image, fixed_image)
@@ -81,7 +90,7 @@ def display_images(result: "RegistrationResult") -> tuple[np.ndarray, np.ndarray
     return fixed, moving, warped
 
 
-def save_qc_figure(result: "RegistrationResult", path: str | os.PathLike) -> None:
+def save_qc_figure(result: "ResultLike", path: str | os.PathLike) -> None:
     """Write the QC panel of a registration result as a PNG."""
     fixed, moving, warped = display_images(result)
     det = sitk.GetArrayViewFromImage(result.jacobian)
