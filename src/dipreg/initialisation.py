@@ -38,6 +38,9 @@ INITIALISATIONS = ("none", "centers", "moments", "search")
 #: Largest size per axis of the grid on which search candidates are scored.
 SEARCH_SIZE = 48
 
+#: Best rotations closer than this to the identity are left to the affine stage.
+IDENTITY_DEGREES = 1.0
+
 #: A similarity loss ``(fixed, warped, mask) -> tensor`` (see :mod:`dipreg.losses`).
 Similarity = Callable[..., torch.Tensor]
 
@@ -80,6 +83,12 @@ def principal_axes_rotations(fixed_covariance: np.ndarray, moving_covariance: np
     rotations = [moving_axes @ np.diag(signs) @ fixed_axes.T
                  for signs in itertools.product((1.0, -1.0), repeat=len(fixed_covariance))]
     return [rotation for rotation in rotations if np.linalg.det(rotation) > 0]
+
+
+def rotation_degrees(rotation: np.ndarray) -> float:
+    """The angle of a 2D or 3D rotation matrix, in degrees."""
+    cos = (np.trace(rotation) - (len(rotation) - 2)) / 2.0
+    return float(np.degrees(np.arccos(np.clip(cos, -1.0, 1.0))))
 
 
 def axis_rotation(axis: int, angle: float) -> np.ndarray:
@@ -128,7 +137,9 @@ def initial_rotation(method: str, fixed: sitk.Image, moving: sitk.Image, similar
                      fixed_mask: sitk.Image | None = None, moving_mask: sitk.Image | None = None
                      ) -> sitk.AffineTransform | None:
     """The world transform (fixed-space points to moving-space points) that ``moments`` or
-    ``search`` start from; None for ``none`` and ``centers`` (the engine's own start).
+    ``search`` start from; None for ``none`` and ``centers``, and when the best rotation is
+    within :data:`IDENTITY_DEGREES` of the identity (the engine's own centres-of-mass start then
+    serves as well, without resampling the moving image; the affine stage refines the rest).
 
     Args:
         method: one of :data:`INITIALISATIONS`.
@@ -155,7 +166,7 @@ def initial_rotation(method: str, fixed: sitk.Image, moving: sitk.Image, similar
     fixed_tensor = tensor(coarse_fixed, intensity_range(fixed))
     fixed_weight = None if fixed_mask is None else tensor(fixed_mask, (0.0, 1.0))
     moving_range = intensity_range(moving)
-    best = (math.inf, None)
+    best = (math.inf, None, None)
     for rotation in rotations:
         transform = rotation_about(rotation, fixed_centre, moving_centre)
         warped = tensor(resample_to_reference(coarse_moving, coarse_fixed, transform, default_value=background),
@@ -166,5 +177,5 @@ def initial_rotation(method: str, fixed: sitk.Image, moving: sitk.Image, similar
             weight = warped_mask if weight is None else weight * warped_mask
         value = float(similarity(fixed_tensor, warped, weight))
         if value < best[0]:
-            best = (value, transform)
-    return best[1]
+            best = (value, transform, rotation)
+    return None if rotation_degrees(best[2]) < IDENTITY_DEGREES else best[1]

@@ -424,6 +424,8 @@ def starting_transform(fixed: sitk.Image, moving: sitk.Image, config: Registrati
                                                                                interpolation="nearest")
     similarity = similarity_loss(affine_loss_name(config), mi_bins=config.mi_bins)
     rotation = initial_rotation(config.init, fixed, moving, similarity, fixed_mask, moving_mask)
+    if rotation is None:
+        return user_initial, {}
     info = {"init_matrix": list(rotation.GetMatrix()), "init_translation": list(rotation.GetTranslation()),
             "init_center": list(rotation.GetCenter())}
     return (rotation if user_initial is None else sitk.CompositeTransform([user_initial, rotation])), info
