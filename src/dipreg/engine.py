@@ -250,6 +250,40 @@ def similarity_weight(fixed_mask: torch.Tensor | None, moving_mask: torch.Tensor
     return warped_mask if fixed_mask is None else fixed_mask * warped_mask
 
 
+class DeformableObjective:
+    """The deformable stage's loss: ``similarity(fixed, moving o (id + u)) + lambda R(field)``.
+
+    ``u`` is the field (mm, world axes, on the coarse field grid) in normalised units,
+    integrated by scaling and squaring for ``svf`` and resized to the loss level. The loop
+    and the memory estimate (:mod:`dipreg.memory`) both call this one objective.
+    """
+
+    def __init__(self, config: RegistrationConfig, to_normalized: torch.Tensor, field_spacing: Sequence[float],
+                 field_shape: tuple[int, ...], device: torch.device | str = "cpu"):
+        self.config = config
+        self.to_normalized = to_normalized
+        self.field_spacing = field_spacing
+        self.identity_field = identity_grid(field_shape, device) if config.field == "svf" else None
+        self.similarity = similarity_loss(config.loss, config.lncc_window, config.mi_bins)
+
+    def displacement(self, field_mm: torch.Tensor, level_shape: tuple[int, ...]) -> torch.Tensor:
+        """The normalised displacement of ``field_mm`` on a grid of ``level_shape``."""
+        field_normalized = torch.einsum("ij,bj...->bi...", self.to_normalized, field_mm)
+        if self.config.field == "svf":
+            field_normalized = integrate_velocity(field_normalized, self.identity_field, self.config.integration_steps)
+        return resize_field(field_normalized, level_shape)
+
+    def __call__(self, field_mm: torch.Tensor, fixed: torch.Tensor, moving: torch.Tensor, identity: torch.Tensor,
+                 fixed_mask: torch.Tensor | None = None, moving_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The loss of ``field_mm`` on one pyramid level (``identity`` is that level's grid)."""
+        displacement = self.displacement(field_mm, tuple(fixed.shape[2:]))
+        warped = warp(moving, displacement, identity)
+        loss = self.similarity(fixed, warped, similarity_weight(fixed_mask, moving_mask, displacement, identity))
+        if self.config.regularization > 0:
+            loss = loss + self.config.regularization * diffusion(field_mm, self.field_spacing)
+        return loss
+
+
 def downsample_mask(mask: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor | None:
     """A mask on a pyramid level (smoothed like the images: soft weights at its border)."""
     return None if mask is None else downsample(mask, shape)
@@ -411,19 +445,12 @@ def _optimise(fixed: torch.Tensor, moving: torch.Tensor, grid: Grid, config: Reg
     model = FieldModel(config, ndim, coarse_shape).to(device)
     if config.channels_last and model.network is not None and ndim == 2:
         model.network.to(memory_format=torch.channels_last)
-    identity_coarse = identity_grid(coarse_shape, device) if config.field == "svf" else None
-    to_normalized = torch.as_tensor(grid.world_to_normalized_matrix(), dtype=torch.float32, device=device)
-    similarity = similarity_loss(config.loss, config.lncc_window, config.mi_bins)
+    objective = DeformableObjective(config, torch.as_tensor(grid.world_to_normalized_matrix(), dtype=torch.float32,
+                                                            device=device), coarse_spacing, coarse_shape, device)
     use_graphs = config.cuda_graphs and device.type == "cuda"
     # foreach: one batched update of the network's ~100 small tensors instead of a loop over
     # them (the CPU default); the same arithmetic.
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, capturable=use_graphs, foreach=True)
-
-    def displacement_from(field_mm: torch.Tensor, level_shape: tuple[int, ...]) -> torch.Tensor:
-        field_normalized = torch.einsum("ij,bj...->bi...", to_normalized, field_mm)
-        if config.field == "svf":
-            field_normalized = integrate_velocity(field_normalized, identity_coarse, config.integration_steps)
-        return resize_field(field_normalized, level_shape)
 
     stop_reason = "maximum iterations reached"
     levels = pyramid_shapes(shape, config.pyramid_levels, max_voxels=config.max_loss_voxels)
@@ -439,15 +466,8 @@ def _optimise(fixed: torch.Tensor, moving: torch.Tensor, grid: Grid, config: Reg
         loss_stages.append(stage)
         bar = tqdm(range(count), disable=not progress, desc=stage["stage"], unit="it", leave=False)
         def loss_step(fixed_level=fixed_level, moving_level=moving_level, identity_level=identity_level,
-                      level_shape=level_shape, fixed_mask_level=fixed_mask_level,
-                      moving_mask_level=moving_mask_level) -> torch.Tensor:
-            field_mm = model()
-            displacement = displacement_from(field_mm, level_shape)
-            warped = warp(moving_level, displacement, identity_level)
-            weight = similarity_weight(fixed_mask_level, moving_mask_level, displacement, identity_level)
-            loss = similarity(fixed_level, warped, weight)
-            if config.regularization > 0:
-                loss = loss + config.regularization * diffusion(field_mm, coarse_spacing)
+                      fixed_mask_level=fixed_mask_level, moving_mask_level=moving_mask_level) -> torch.Tensor:
+            loss = objective(model(), fixed_level, moving_level, identity_level, fixed_mask_level, moving_mask_level)
             loss.backward()
             optimizer.step()
             return loss.detach()
@@ -477,7 +497,7 @@ def _optimise(fixed: torch.Tensor, moving: torch.Tensor, grid: Grid, config: Reg
 
     with torch.no_grad():
         field_mm = model(final=True)
-        deformable = displacement_from(field_mm, shape)
+        deformable = objective.displacement(field_mm, shape)
         displacement = affine_displacement(matrix, translation, identity) + torch.einsum("ij,bj...->bi...", matrix, deformable)
     return OptimisationResult(
         displacement=displacement.detach().cpu(),

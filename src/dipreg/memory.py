@@ -28,10 +28,9 @@ from collections.abc import Callable
 import torch
 from torch.autograd.graph import saved_tensors_hooks
 
-from dipreg.engine import FieldModel, RegistrationConfig, field_grid_shape, pyramid_shapes
+from dipreg.engine import DeformableObjective, FieldModel, RegistrationConfig, field_grid_shape, pyramid_shapes
 from dipreg.errors import DipregError
-from dipreg.losses import diffusion, similarity_loss
-from dipreg.transforms import identity_grid, integrate_velocity, resize_field, warp
+from dipreg.transforms import identity_grid
 
 _MB = 2**20
 
@@ -69,19 +68,12 @@ def optimisation_bytes(shape: tuple[int, ...], config: RegistrationConfig) -> in
     level = pyramid_shapes(shape, config.pyramid_levels, max_voxels=config.max_loss_voxels)[-1]
     with torch.device("meta"):
         model = FieldModel(config, ndim, field_shape)
-    similarity = similarity_loss(config.loss, config.lncc_window, config.mi_bins)
+    # Unit spacing and matrix: the estimate counts tensors, not values.
+    objective = DeformableObjective(config, torch.eye(ndim, device="meta"), [1.0] * ndim, field_shape, "meta")
 
     def step() -> None:
         image = torch.empty(1, 1, *level)
-        field = model()
-        displacement = torch.einsum("ij,bj...->bi...", torch.eye(ndim), field)  # mm -> normalised units
-        if config.field == "svf":
-            displacement = integrate_velocity(displacement, identity_grid(field_shape, "meta"),
-                                              config.integration_steps)
-        warped = warp(image, resize_field(displacement, level), identity_grid(level, "meta"))
-        loss = similarity(image, warped)
-        if config.regularization > 0:
-            loss = loss + diffusion(field, [1.0] * ndim)
+        objective(model(), image, image, identity_grid(level, "meta"))
 
     parameters = sum(p.numel() for p in model.parameters())
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
