@@ -70,6 +70,8 @@ class RegistrationConfig:
     learning_rate: float = _option(5e-3, "Adam learning rate")
     patience: int = _option(100, "stop when the smoothed loss has not improved for this many iterations (0 = never)")
     seed: int = _option(0, "random seed (network weights and noise)")
+    ensemble: int = _option(1, "ensemble members optimised together, member m with seed + m; the result is their mean "
+                               "field and uncertainty.nii.gz their spread (dip only)")
     device: str = _option("auto", "auto (CUDA when present), cpu or cuda", ("auto", "cpu", "cuda"))
     threads: int = _option(0, "CPU threads of the optimisation (0 = torch's default, one per core)")
     cuda_graphs: bool = _option(True, "replay each deformable iteration as one captured CUDA graph (CUDA only; fewer kernel launches)")
@@ -86,7 +88,10 @@ class RegistrationConfig:
             raise DipregError(f"option field_resolution={self.field_resolution}: must be in (0, 1]")
         if self.threads < 0:
             raise DipregError(f"option threads={self.threads}: must be 0 (default) or a positive count")
-        for name in ("iterations", "channels", "levels", "input_channels", "lncc_window"):
+        if self.ensemble > 1 and self.method != "dip":
+            raise DipregError(f"option ensemble={self.ensemble}: needs method dip (every free field starts at zero, "
+                              "so the members of a classic ensemble would all be the same)")
+        for name in ("iterations", "channels", "levels", "input_channels", "lncc_window", "ensemble"):
             if getattr(self, name) < 1:
                 raise DipregError(f"option {name}={getattr(self, name)}: must be at least 1")
         if self.learning_rate <= 0 or self.regularization < 0:
@@ -153,7 +158,9 @@ class OptimisationResult:
             coordinates; identity without the stage).
         field: the deformable part as optimised: velocity (``svf``) or displacement, mm in
             world axes, ``[1, ndim, *field_shape]`` on the coarse field grid that spans the
-            image's extent (see :meth:`Grid.coarser`).
+            image's extent (see :meth:`Grid.coarser`). For an ensemble, the members' mean
+            (the log-Euclidean mean of the velocity fields).
+        members: the ensemble members' fields, ``[K, ndim, *field_shape]`` (None for K = 1).
     """
 
     displacement: torch.Tensor
@@ -165,6 +172,7 @@ class OptimisationResult:
     seconds: float
     device: str
     stop_reason: str
+    members: torch.Tensor | None = None
 
 
 def field_grid_shape(shape: tuple[int, ...], resolution: float) -> tuple[int, ...]:
@@ -173,7 +181,14 @@ def field_grid_shape(shape: tuple[int, ...], resolution: float) -> tuple[int, ..
 
 
 class FieldModel(torch.nn.Module):
-    """Produces the field (mm, world axes) on the field grid: network output or free tensor."""
+    """Produces the field (mm, world axes) on the field grid: network output or free tensor.
+
+    With ``config.ensemble = K`` it holds K networks run as one grouped
+    :class:`SkipGenerator` and returns K fields ``[K, ndim, *shape]``. Member ``m``'s weights
+    and noise ``z`` are drawn right after ``torch.manual_seed(config.seed + m)``, exactly as
+    a single network is, so with ``z_mode fixed`` member ``m`` follows the single run with
+    seed ``seed + m`` (the per-iteration perturbations of all members are drawn together).
+    """
 
     def __init__(self, config: RegistrationConfig, ndim: int, shape: tuple[int, ...]):
         super().__init__()
@@ -185,11 +200,16 @@ class FieldModel(torch.nn.Module):
         self.free_field = None
         # BatchNorm needs more than one voxel at the coarsest level: cap the depth on small grids.
         levels = max(1, min(config.levels, int(math.log2(min(shape) / 2))))
-        self.network = SkipGenerator(
-            ndim, config.input_channels, ndim, [config.channels] * levels,
-            config.skip_channels, batchnorm=config.batchnorm, init_std=config.init_std,
-        )
-        self.register_buffer("z", torch.randn(1, config.input_channels, *shape) * config.z_std)
+        networks, noise = [], []
+        for member in range(config.ensemble):
+            torch.manual_seed(config.seed + member)
+            networks.append(SkipGenerator(
+                ndim, config.input_channels, ndim, [config.channels] * levels,
+                config.skip_channels, batchnorm=config.batchnorm, init_std=config.init_std,
+            ))
+            noise.append(torch.randn(1, config.input_channels, *shape) * config.z_std)
+        self.network = networks[0] if len(networks) == 1 else SkipGenerator.stack(networks)
+        self.register_buffer("z", torch.cat(noise))
 
     def forward(self, final: bool = False) -> torch.Tensor:
         if self.network is None:
@@ -199,6 +219,8 @@ class FieldModel(torch.nn.Module):
             z = torch.randn_like(z) * self.config.z_std
         elif self.config.z_mode == "perturbed" and not final:
             z = z + torch.randn_like(z) * self.config.z_perturbation
+        # The members' inputs side by side in channels: [K, C, ...] -> [1, K * C, ...].
+        z = z.reshape(1, -1, *z.shape[2:])
         if self.config.channels_last and z.dim() == 4:
             z = z.contiguous(memory_format=torch.channels_last)
         if self.config.mixed_precision and z.device.type == "cuda":
@@ -207,7 +229,7 @@ class FieldModel(torch.nn.Module):
         else:
             field = self.network(z)
         # The field is integrated, resampled and penalised in float32.
-        return field.float().contiguous()
+        return field.float().reshape(self.config.ensemble, -1, *field.shape[2:]).contiguous()
 
 
 class _Stopper:
@@ -413,6 +435,9 @@ def _optimise(fixed: torch.Tensor, moving: torch.Tensor, grid: Grid, config: Reg
         with torch.no_grad():
             moving = warp(moving, affine_displacement(matrix, translation, identity), identity)
 
+    members = config.ensemble
+    # Ensemble members see the same pair: the images as a batch of K views, one per field.
+    fixed, moving = fixed.expand(members, *fixed.shape[1:]), moving.expand(members, *moving.shape[1:])
     coarse_shape = field_grid_shape(shape, config.field_resolution)
     coarse_spacing = grid.coarser(coarse_shape).spacing
     model = FieldModel(config, ndim, coarse_shape).to(device)
@@ -450,7 +475,8 @@ def _optimise(fixed: torch.Tensor, moving: torch.Tensor, grid: Grid, config: Reg
             loss = similarity(fixed_level, warped)
             if config.regularization > 0:
                 loss = loss + config.regularization * diffusion(field_mm, coarse_spacing)
-            loss.backward()
+            # The losses are means over the members: scaled by K, each member gets its own gradient.
+            (members * loss).backward()
             optimizer.step()
             return loss.detach()
 
@@ -477,7 +503,9 @@ def _optimise(fixed: torch.Tensor, moving: torch.Tensor, grid: Grid, config: Reg
         bar.close()
 
     with torch.no_grad():
-        field_mm = model(final=True)
+        member_fields = model(final=True)
+        # Velocity fields are averaged before exp (the log-Euclidean mean), displacements directly.
+        field_mm = member_fields.mean(dim=0, keepdim=True)
         deformable = displacement_from(field_mm, shape)
         displacement = affine_displacement(matrix, translation, identity) + torch.einsum("ij,bj...->bi...", matrix, deformable)
     return OptimisationResult(
@@ -490,4 +518,5 @@ def _optimise(fixed: torch.Tensor, moving: torch.Tensor, grid: Grid, config: Reg
         seconds=time.perf_counter() - start,
         device=str(device),
         stop_reason=stop_reason,
+        members=member_fields.detach().cpu() if members > 1 else None,
     )

@@ -25,10 +25,12 @@ def mse(fixed: torch.Tensor, warped: torch.Tensor) -> torch.Tensor:
 
 
 def ncc(fixed: torch.Tensor, warped: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """One minus the global normalised cross-correlation."""
-    f = fixed - fixed.mean()
-    w = warped - warped.mean()
-    return 1.0 - (f * w).sum() / torch.sqrt((f * f).sum() * (w * w).sum() + eps)
+    """One minus the global normalised cross-correlation of each batch element, averaged over the batch."""
+    f = fixed.flatten(1)
+    w = warped.flatten(1)
+    f = f - f.mean(dim=1, keepdim=True)
+    w = w - w.mean(dim=1, keepdim=True)
+    return (1.0 - (f * w).sum(dim=1) / torch.sqrt((f * f).sum(dim=1) * (w * w).sum(dim=1) + eps)).mean()
 
 
 def box_mean(x: torch.Tensor, window: int) -> torch.Tensor:
