@@ -209,3 +209,21 @@ def test_memory_estimates_grow_with_the_ensemble(shape: tuple[int, ...]) -> None
     assert estimate_peak_memory(shape, four) > estimate_peak_memory(shape, single) + 1e6
     assert peak_memory_upper_bound(shape, four) >= estimate_peak_memory(shape, four)
     assert peak_memory_upper_bound(shape, four) > peak_memory_upper_bound(shape, single)
+
+
+def test_dropout_members_are_samples_of_one_network() -> None:
+    """With dropout the ensemble is one network (a single network's weights) whose K final
+    fields are Monte Carlo dropout samples: they differ from each other, and their mean is
+    closer to the network's expected output than a single sample is."""
+    config = make_config(ensemble=4, dropout=0.2, channels=8, input_channels=4, init_std=0.1)
+    model = FieldModel(config, 2, (16, 16))
+    single = FieldModel(make_config(channels=8, input_channels=4, init_std=0.1), 2, (16, 16))
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in single.parameters())
+    torch.manual_seed(1)
+    samples = model.final_fields()
+    assert samples.shape == (4, 2, 16, 16)
+    assert (samples[0] - samples[1]).abs().max() > 1e-3 * samples.abs().max()
+    expected = torch.cat([model.final_fields() for _ in range(50)]).mean(dim=0)
+    assert (samples.mean(dim=0) - expected).norm() < (samples[0] - expected).norm()
+    with pytest.raises(DipregError, match="dropout"):
+        make_config(dropout=1.0)

@@ -72,6 +72,8 @@ class RegistrationConfig:
     seed: int = _option(0, "random seed (network weights and noise)")
     ensemble: int = _option(1, "ensemble members optimised together, member m with seed + m; the result is their mean "
                                "field and uncertainty.nii.gz their spread (dip only)")
+    dropout: float = _option(0.0, "dropout probability after every activation of the network; with --ensemble K > 1 the "
+                                  "members are then K Monte Carlo dropout samples of one network instead of K networks")
     device: str = _option("auto", "auto (CUDA when present), cpu or cuda", ("auto", "cpu", "cuda"))
     threads: int = _option(0, "CPU threads of the optimisation (0 = torch's default, one per core)")
     cuda_graphs: bool = _option(True, "replay each deformable iteration as one captured CUDA graph (CUDA only; fewer kernel launches)")
@@ -94,6 +96,8 @@ class RegistrationConfig:
         for name in ("iterations", "channels", "levels", "input_channels", "lncc_window", "ensemble"):
             if getattr(self, name) < 1:
                 raise DipregError(f"option {name}={getattr(self, name)}: must be at least 1")
+        if not 0 <= self.dropout < 1:
+            raise DipregError(f"option dropout={self.dropout}: must be in [0, 1)")
         if self.learning_rate <= 0 or self.regularization < 0:
             raise DipregError("options learning_rate must be > 0 and regularization >= 0")
 
@@ -188,11 +192,15 @@ class FieldModel(torch.nn.Module):
     and noise ``z`` are drawn right after ``torch.manual_seed(config.seed + m)``, exactly as
     a single network is, so with ``z_mode fixed`` member ``m`` follows the single run with
     seed ``seed + m`` (the per-iteration perturbations of all members are drawn together).
+    With ``config.dropout > 0`` it holds one network (with Monte Carlo dropout) and the K
+    members are K dropout samples of its final field.
     """
 
     def __init__(self, config: RegistrationConfig, ndim: int, shape: tuple[int, ...]):
         super().__init__()
         self.config = config
+        #: fields per forward pass: the ensemble's members, or one field of a dropout network
+        self.members = 1 if config.dropout or config.method == "classic" else config.ensemble
         if config.method == "classic":
             self.free_field = torch.nn.Parameter(torch.zeros(1, ndim, *shape))
             self.network = None
@@ -201,11 +209,11 @@ class FieldModel(torch.nn.Module):
         # BatchNorm needs more than one voxel at the coarsest level: cap the depth on small grids.
         levels = max(1, min(config.levels, int(math.log2(min(shape) / 2))))
         networks, noise = [], []
-        for member in range(config.ensemble):
+        for member in range(self.members):
             torch.manual_seed(config.seed + member)
             networks.append(SkipGenerator(
                 ndim, config.input_channels, ndim, [config.channels] * levels,
-                config.skip_channels, batchnorm=config.batchnorm, init_std=config.init_std,
+                config.skip_channels, batchnorm=config.batchnorm, init_std=config.init_std, dropout=config.dropout,
             ))
             noise.append(torch.randn(1, config.input_channels, *shape) * config.z_std)
         self.network = networks[0] if len(networks) == 1 else SkipGenerator.stack(networks)
@@ -229,7 +237,14 @@ class FieldModel(torch.nn.Module):
         else:
             field = self.network(z)
         # The field is integrated, resampled and penalised in float32.
-        return field.float().reshape(self.config.ensemble, -1, *field.shape[2:]).contiguous()
+        return field.float().reshape(self.members, -1, *field.shape[2:]).contiguous()
+
+    def final_fields(self) -> torch.Tensor:
+        """The members' final fields ``[K, ndim, *shape]``: the K networks' outputs, or K Monte
+        Carlo dropout samples of one network (``config.dropout > 0``)."""
+        if self.members == self.config.ensemble:
+            return self(final=True)
+        return torch.cat([self(final=True) for _ in range(self.config.ensemble)])
 
 
 class _Stopper:
@@ -435,12 +450,12 @@ def _optimise(fixed: torch.Tensor, moving: torch.Tensor, grid: Grid, config: Reg
         with torch.no_grad():
             moving = warp(moving, affine_displacement(matrix, translation, identity), identity)
 
-    members = config.ensemble
-    # Ensemble members see the same pair: the images as a batch of K views, one per field.
-    fixed, moving = fixed.expand(members, *fixed.shape[1:]), moving.expand(members, *moving.shape[1:])
     coarse_shape = field_grid_shape(shape, config.field_resolution)
     coarse_spacing = grid.coarser(coarse_shape).spacing
     model = FieldModel(config, ndim, coarse_shape).to(device)
+    members = model.members
+    # Ensemble members see the same pair: the images as a batch of K views, one per field.
+    fixed, moving = fixed.expand(members, *fixed.shape[1:]), moving.expand(members, *moving.shape[1:])
     if config.channels_last and model.network is not None and ndim == 2:
         model.network.to(memory_format=torch.channels_last)
     identity_coarse = identity_grid(coarse_shape, device) if config.field == "svf" else None
@@ -503,7 +518,7 @@ def _optimise(fixed: torch.Tensor, moving: torch.Tensor, grid: Grid, config: Reg
         bar.close()
 
     with torch.no_grad():
-        member_fields = model(final=True)
+        member_fields = model.final_fields()
         # Velocity fields are averaged before exp (the log-Euclidean mean), displacements directly.
         field_mm = member_fields.mean(dim=0, keepdim=True)
         deformable = displacement_from(field_mm, shape)
@@ -518,5 +533,5 @@ def _optimise(fixed: torch.Tensor, moving: torch.Tensor, grid: Grid, config: Reg
         seconds=time.perf_counter() - start,
         device=str(device),
         stop_reason=stop_reason,
-        members=member_fields.detach().cpu() if members > 1 else None,
+        members=member_fields.detach().cpu() if config.ensemble > 1 else None,
     )

@@ -75,7 +75,7 @@ def optimisation_bytes(shape: tuple[int, ...], config: RegistrationConfig) -> in
     similarity = similarity_loss(config.loss, config.lncc_window)
 
     def step() -> None:
-        image = torch.empty(config.ensemble, 1, *level)
+        image = torch.empty(model.members, 1, *level)
         field = model()
         displacement = torch.einsum("ij,bj...->bi...", torch.eye(ndim), field)  # mm -> normalised units
         if config.field == "svf":

@@ -65,13 +65,15 @@ class PaddedConv(nn.Module):
 
 
 def _conv_block(spatial_dims: int, in_channels: int, out_channels: int, kernel_size: int,
-                stride: int = 1, batchnorm: bool = True, members: int = 1) -> list[nn.Module]:
-    """Convolution, BatchNorm, LeakyReLU; channel counts are per member (``members`` groups)."""
+                stride: int = 1, batchnorm: bool = True, members: int = 1, dropout: float = 0.0) -> list[nn.Module]:
+    """Convolution, BatchNorm, LeakyReLU (then dropout); channel counts are per member (``members`` groups)."""
     layers: list[nn.Module] = [PaddedConv(spatial_dims, members * in_channels, members * out_channels,
                                           kernel_size, stride, groups=members)]
     if batchnorm:
         layers.append(_batchnorm_cls(spatial_dims)(members * out_channels))
     layers.append(nn.LeakyReLU(0.2))
+    if dropout:
+        layers.append(nn.Dropout(dropout))
     return layers
 
 
@@ -80,9 +82,9 @@ class _Level(nn.Module):
 
     def __init__(self, spatial_dims: int, in_channels: int, down: int, up: int, skip: int,
                  deeper: nn.Module | None, deeper_channels: int, batchnorm: bool, upsample_mode: str,
-                 members: int = 1):
+                 members: int = 1, dropout: float = 0.0):
         super().__init__()
-        block = dict(batchnorm=batchnorm, members=members)
+        block = dict(batchnorm=batchnorm, members=members, dropout=dropout)
         self.members = members
         self.skip = nn.Sequential(*_conv_block(spatial_dims, in_channels, skip, 1, **block)) if skip else None
         self.down = nn.Sequential(
@@ -140,18 +142,20 @@ class SkipGenerator(nn.Module):
             each member's channels separately. The input is ``[1, members * in_channels, ...]``
             and the output ``[1, members * out_channels, ...]``, member by member; see
             :meth:`stack` to build one from separately initialised networks.
+        dropout: probability of (element-wise) dropout after every activation, active whenever
+            the module is in training mode (Monte Carlo dropout).
     """
 
     def __init__(self, spatial_dims: int, in_channels: int, out_channels: int,
                  channels: Sequence[int], skip_channels: int | Sequence[int] = 4,
                  batchnorm: bool = True, upsample_mode: str = "linear", init_std: float = 0.01,
-                 members: int = 1):
+                 members: int = 1, dropout: float = 0.0):
         super().__init__()
         self.members = members
         #: the constructor's arguments but ``members`` (what :meth:`stack` rebuilds from)
         self.arguments = dict(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels,
                               channels=list(channels), skip_channels=skip_channels, batchnorm=batchnorm,
-                              upsample_mode=upsample_mode, init_std=init_std)
+                              upsample_mode=upsample_mode, init_std=init_std, dropout=dropout)
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
         skips = [skip_channels] * len(channels) if isinstance(skip_channels, int) else list(skip_channels)
@@ -159,7 +163,8 @@ class SkipGenerator(nn.Module):
         deeper: nn.Module | None = None
         deeper_channels = 0
         for c_in, c, s in reversed(list(zip(level_inputs, channels, skips))):
-            deeper = _Level(spatial_dims, c_in, c, c, s, deeper, deeper_channels, batchnorm, upsample_mode, members)
+            deeper = _Level(spatial_dims, c_in, c, c, s, deeper, deeper_channels, batchnorm, upsample_mode, members,
+                            dropout)
             deeper_channels = c
         self.body = deeper
         self.head = _conv_cls(spatial_dims)(members * channels[0], members * out_channels, 1, groups=members)
