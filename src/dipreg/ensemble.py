@@ -17,7 +17,12 @@ import SimpleITK as sitk
 import torch
 
 from dipreg.field_transform import FieldTransform
-from dipreg.transforms import Grid, displacement_image, jacobian_determinant, voxel_displacement_from_image
+from dipreg.transforms import (
+    Grid,
+    displacement_image,
+    jacobian_determinant,
+    voxel_displacement_from_image,
+)
 
 
 def member_transforms(combined: FieldTransform, fields: torch.Tensor) -> list[FieldTransform]:
