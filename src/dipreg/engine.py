@@ -72,7 +72,7 @@ class RegistrationConfig:
     seed: int = _option(0, "random seed (network weights and noise)")
     ensemble: int = _option(1, "ensemble members optimised together, member m with seed + m; the result is their mean "
                                "field and uncertainty.nii.gz their spread (dip only)")
-    dropout: float = _option(0.0, "dropout probability after every activation of the network; with --ensemble K > 1 the "
+    dropout: float = _option(0.0, "dropout probability after every activation of the network; with ensemble K > 1 the "
                                   "members are then K Monte Carlo dropout samples of one network instead of K networks (K = 1: one sample)")
     device: str = _option("auto", "auto (CUDA when present), cpu or cuda", ("auto", "cpu", "cuda"))
     threads: int = _option(0, "CPU threads of the optimisation (0 = torch's default, one per core)")
