@@ -188,7 +188,7 @@ def cost(options: dict, repeats: int) -> None:
     row = {"pair": f"{pair['moving'].stem}->{pair['fixed'].stem}", "ensemble_seconds": ensemble_times,
            "separate_runs_seconds": single_times, "ratio": float(np.sum(ensemble_times) / np.sum(single_times)),
            "load_1min_around_runs": loads, "cpus": os.cpu_count(), "host": platform.node(), "options": options}
-    merge("cost", f"K={members} threads={options.get('threads')}" + tag(options), row)
+    merge("cost", f"K={members} threads={options.get('threads')}" + tag(options) + time.strftime(" %Y-%m-%d %H:%M"), row)
     print(f"cost: one ensemble of {members}: {np.mean(ensemble_times):.1f} s, {members} separate runs: "
           f"{np.mean(single_times):.1f} s, ratio {row['ratio']:.2f} (1-min load {min(loads):.1f}-{max(loads):.1f} "
           f"on {os.cpu_count()} CPUs)", flush=True)
