@@ -67,7 +67,9 @@ class OptimisationResult:
             coordinates; identity without the stage).
         field: the deformable part as optimised: velocity (``svf``) or displacement, mm in
             world axes, ``[1, ndim, *field_shape]`` on the coarse field grid that spans the
-            image's extent (see :meth:`Grid.coarser`); None for a rigid or affine transform.
+            image's extent (see :meth:`Grid.coarser`); None for a rigid or affine transform. For
+            an ensemble, the members' mean (the log-Euclidean mean of the velocity fields).
+        members: the ensemble members' fields, ``[K, ndim, *field_shape]`` (None for K = 1).
     """
 
     displacement: torch.Tensor
@@ -83,6 +85,7 @@ class OptimisationResult:
     loss_stages: list[dict]
     #: The moving image after the affine stage on the fixed grid, scaled as given (None without it).
     affine_warped: torch.Tensor | None
+    members: torch.Tensor | None = None
 
 
 def field_grid_shape(shape: tuple[int, ...], resolution: float) -> tuple[int, ...]:
@@ -91,11 +94,22 @@ def field_grid_shape(shape: tuple[int, ...], resolution: float) -> tuple[int, ..
 
 
 class FieldModel(torch.nn.Module):
-    """Produces the field (mm, world axes) on the field grid: network output or free tensor."""
+    """Produces the field (mm, world axes) on the field grid: network output or free tensor.
+
+    With ``config.ensemble = K`` it holds K networks run as one grouped
+    :class:`SkipGenerator` and returns K fields ``[K, ndim, *shape]``. Member ``m``'s weights
+    and noise ``z`` are drawn right after ``torch.manual_seed(config.seed + m)``, exactly as
+    a single network is, so with ``z_mode fixed`` member ``m`` follows the single run with
+    seed ``seed + m`` (the per-iteration perturbations of all members are drawn together).
+    With ``config.dropout > 0`` it holds one network (with Monte Carlo dropout) and the K
+    members are K dropout samples of its final field.
+    """
 
     def __init__(self, config: RegistrationConfig, ndim: int, shape: tuple[int, ...]):
         super().__init__()
         self.config = config
+        #: fields per forward pass: the ensemble's members, or one field of a dropout network
+        self.members = 1 if config.dropout or config.method == "classic" else config.ensemble
         if config.method == "classic":
             self.free_field = torch.nn.Parameter(torch.zeros(1, ndim, *shape))
             self.network = None
@@ -103,11 +117,16 @@ class FieldModel(torch.nn.Module):
         self.free_field = None
         # BatchNorm needs more than one voxel at the coarsest level: cap the depth on small grids.
         levels = max(1, min(config.levels, int(math.log2(min(shape) / 2))))
-        self.network = SkipGenerator(
-            ndim, config.input_channels, ndim, [config.channels] * levels,
-            config.skip_channels, batchnorm=config.batchnorm, init_std=config.init_std,
-        )
-        self.register_buffer("z", torch.randn(1, config.input_channels, *shape) * config.z_std)
+        networks, noise = [], []
+        for member in range(self.members):
+            torch.manual_seed(config.seed + member)
+            networks.append(SkipGenerator(
+                ndim, config.input_channels, ndim, [config.channels] * levels,
+                config.skip_channels, batchnorm=config.batchnorm, init_std=config.init_std, dropout=config.dropout,
+            ))
+            noise.append(torch.randn(1, config.input_channels, *shape) * config.z_std)
+        self.network = networks[0] if len(networks) == 1 else SkipGenerator.stack(networks)
+        self.register_buffer("z", torch.cat(noise))
 
     def forward(self, final: bool = False) -> torch.Tensor:
         if self.network is None:
@@ -117,6 +136,8 @@ class FieldModel(torch.nn.Module):
             z = torch.randn_like(z) * self.config.z_std
         elif self.config.z_mode == "perturbed" and not final:
             z = z + torch.randn_like(z) * self.config.z_perturbation
+        # The members' inputs side by side in channels: [K, C, ...] -> [1, K * C, ...].
+        z = z.reshape(1, -1, *z.shape[2:])
         if self.config.channels_last and z.dim() == 4:
             z = z.contiguous(memory_format=torch.channels_last)
         if self.config.mixed_precision and z.device.type == "cuda":
@@ -125,7 +146,14 @@ class FieldModel(torch.nn.Module):
         else:
             field = self.network(z)
         # The field is integrated, resampled and penalised in float32.
-        return field.float().contiguous()
+        return field.float().reshape(self.members, -1, *field.shape[2:]).contiguous()
+
+    def final_fields(self) -> torch.Tensor:
+        """The members' final fields ``[K, ndim, *shape]``: the K networks' outputs, or K Monte
+        Carlo dropout samples of one network (``config.dropout > 0``)."""
+        if self.members == self.config.ensemble:
+            return self(final=True)
+        return torch.cat([self(final=True) for _ in range(self.config.ensemble)])
 
 
 class _Stopper:
@@ -443,6 +471,11 @@ def _optimise(fixed: torch.Tensor, moving: torch.Tensor, grid: Grid, config: Reg
     coarse_shape = field_grid_shape(shape, config.field_resolution)
     coarse_spacing = grid.coarser(coarse_shape).spacing
     model = FieldModel(config, ndim, coarse_shape).to(device)
+    members = model.members
+    # Ensemble members see the same pair: the images as a batch of K views, one per field.
+    fixed, moving = fixed.expand(members, *fixed.shape[1:]), moving.expand(members, *moving.shape[1:])
+    if moving_mask is not None:
+        moving_mask = moving_mask.expand(members, *moving_mask.shape[1:])
     if config.channels_last and model.network is not None and ndim == 2:
         model.network.to(memory_format=torch.channels_last)
     objective = DeformableObjective(config, torch.as_tensor(grid.world_to_normalized_matrix(), dtype=torch.float32,
@@ -468,7 +501,8 @@ def _optimise(fixed: torch.Tensor, moving: torch.Tensor, grid: Grid, config: Reg
         def loss_step(fixed_level=fixed_level, moving_level=moving_level, identity_level=identity_level,
                       fixed_mask_level=fixed_mask_level, moving_mask_level=moving_mask_level) -> torch.Tensor:
             loss = objective(model(), fixed_level, moving_level, identity_level, fixed_mask_level, moving_mask_level)
-            loss.backward()
+            # The losses are means over the members: scaled by K, each member gets its own gradient.
+            (members * loss).backward()
             optimizer.step()
             return loss.detach()
 
@@ -496,7 +530,9 @@ def _optimise(fixed: torch.Tensor, moving: torch.Tensor, grid: Grid, config: Reg
         bar.close()
 
     with torch.no_grad():
-        field_mm = model(final=True)
+        member_fields = model.final_fields()
+        # Velocity fields are averaged before exp (the log-Euclidean mean), displacements directly.
+        field_mm = member_fields.mean(dim=0, keepdim=True)
         deformable = objective.displacement(field_mm, shape)
         displacement = affine_displacement(matrix, translation, identity) + torch.einsum("ij,bj...->bi...", matrix, deformable)
     return OptimisationResult(
@@ -511,4 +547,5 @@ def _optimise(fixed: torch.Tensor, moving: torch.Tensor, grid: Grid, config: Reg
         stop_reason=stop_reason,
         loss_stages=loss_stages,
         affine_warped=affine_warped,
+        members=member_fields.detach().cpu() if config.ensemble > 1 else None,
     )

@@ -52,6 +52,8 @@ def score_pair(spec: PairSpec, result: RegistrationResult, notes: list[str],
                                 _label_map_on(spec.fixed_labels, result.fixed, notes), label_interpolation)
         scores.update({key: value for key, value in result.metrics.items() if key.startswith("dice_")})
     fixed_mask = _label_map_on(spec.fixed_mask, result.fixed, notes) != 0 if spec.fixed_mask else None
+    if fixed_mask is not None:
+        result.score_uncertainty(fixed_mask, "mask")
     if fixed_mask is not None and spec.moving_mask:
         warped_mask = result.apply(_label_map_on(spec.moving_mask, result.moving, notes) != 0, interpolation="nearest")
         scores["mask_dice"] = dice(sitk.GetArrayViewFromImage(fixed_mask), sitk.GetArrayViewFromImage(warped_mask), [1])[1]

@@ -38,11 +38,17 @@ def mse(fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | None = N
 
 def ncc(fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | None = None,
         eps: float = 1e-8) -> torch.Tensor:
-    """One minus the global normalised cross-correlation (weighted by ``mask``)."""
-    weight = 1.0 if mask is None else mask
-    f = fixed - weighted_mean(fixed, mask)
-    w = warped - weighted_mean(warped, mask)
-    return 1.0 - (weight * f * w).sum() / torch.sqrt((weight * f * f).sum() * (weight * w * w).sum() + eps)
+    """One minus the global normalised cross-correlation (weighted by ``mask``) of each batch
+    element, averaged over the batch (ensemble members stay separate)."""
+    batch = warped.shape[0]
+    f = fixed.expand_as(warped).reshape(batch, -1)
+    w = warped.reshape(batch, -1)
+    weight = torch.ones_like(w) if mask is None else mask.expand_as(warped).reshape(batch, -1)
+    total = weight.sum(dim=1, keepdim=True).clamp_min(eps)
+    f = f - (weight * f).sum(dim=1, keepdim=True) / total
+    w = w - (weight * w).sum(dim=1, keepdim=True) / total
+    correlation = (weight * f * w).sum(dim=1) / torch.sqrt((weight * f * f).sum(dim=1) * (weight * w * w).sum(dim=1) + eps)
+    return (1.0 - correlation).mean()
 
 
 def box_mean(x: torch.Tensor, window: int) -> torch.Tensor:

@@ -45,6 +45,10 @@ AUTOGRAD_FACTOR = 1.4
 #: Output phase per voxel of the image: field copies, warped image, det(J) and its gradients,
 #: SSIM intermediates (fitted on 2D 1024² and OASIS 144×192×160).
 OUTPUT_BYTES_PER_VOXEL = {2: 160, 3: 250}
+#: Added to the output phase of an ensemble (K > 1) per voxel: the spread's running mean and
+#: sum of squares (ndim + 1 float64 channels each) and one member's float64 displacement
+#: (counted, not fitted).
+ENSEMBLE_OUTPUT_BYTES_PER_VOXEL = {2: 64, 3: 88}
 
 
 def _saved_bytes(step: Callable[[], object]) -> int:
@@ -72,7 +76,7 @@ def optimisation_bytes(shape: tuple[int, ...], config: RegistrationConfig) -> in
     objective = DeformableObjective(config, torch.eye(ndim, device="meta"), [1.0] * ndim, field_shape, "meta")
 
     def step() -> None:
-        image = torch.empty(1, 1, *level)
+        image = torch.empty(model.members, 1, *level)
         objective(model(), image, image, identity_grid(level, "meta"))
 
     parameters = sum(p.numel() for p in model.parameters())
@@ -81,12 +85,13 @@ def optimisation_bytes(shape: tuple[int, ...], config: RegistrationConfig) -> in
     return int(AUTOGRAD_FACTOR * _saved_bytes(step)) + 16 * parameters + 2 * buffers
 
 
-def _peak_bytes(shape: tuple[int, ...], optimisation: int) -> int:
+def _peak_bytes(shape: tuple[int, ...], optimisation: int, members: int = 1) -> int:
     ndim = len(shape)
     if ndim not in OUTPUT_BYTES_PER_VOXEL:
         raise DipregError(f"memory estimate: {ndim}D images are not supported (2D or 3D only)")
     voxels = math.prod(shape)
-    working = max(optimisation, OUTPUT_BYTES_PER_VOXEL[ndim] * voxels)
+    output = OUTPUT_BYTES_PER_VOXEL[ndim] + (ENSEMBLE_OUTPUT_BYTES_PER_VOXEL[ndim] if members > 1 else 0)
+    working = max(optimisation, output * voxels)
     return BASE_BYTES + INPUT_BYTES_PER_VOXEL * voxels + TORCH_RUNTIME_BYTES + working
 
 
@@ -97,7 +102,7 @@ def estimate_peak_memory(shape: tuple[int, ...], config: RegistrationConfig) -> 
         shape: image array shape, ``(y, x)`` or ``(z, y, x)``.
         config: the registration options.
     """
-    return _peak_bytes(tuple(shape), optimisation_bytes(tuple(shape), config))
+    return _peak_bytes(tuple(shape), optimisation_bytes(tuple(shape), config), config.ensemble)
 
 
 #: Upper bounds used by :func:`peak_memory_upper_bound` (the traced counts stay below them):
@@ -130,8 +135,10 @@ def peak_memory_upper_bound(shape: tuple[int, ...], config: RegistrationConfig) 
         width = max(config.channels, config.input_channels) + config.skip_channels
         saved += NETWORK_BYTES_BOUND * field_voxels * width + NETWORK_BYTES_SLACK
         parameters = config.levels * CONVOLUTIONS_PER_LEVEL * 3**ndim * width * width + 3 * width
-    optimisation = int(AUTOGRAD_FACTOR * saved) + 16 * parameters + 8 * config.input_channels * field_voxels
-    return _peak_bytes(tuple(shape), optimisation)
+    # every member has its own activations, fields, weights and noise
+    members = config.ensemble
+    optimisation = members * (int(AUTOGRAD_FACTOR * saved) + 16 * parameters + 8 * config.input_channels * field_voxels)
+    return _peak_bytes(tuple(shape), optimisation, members)
 
 
 def available_memory() -> int | None:

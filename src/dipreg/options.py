@@ -93,6 +93,11 @@ class RegistrationConfig:
     learning_rate: float = _option(5e-3, "Adam learning rate", allowed=POSITIVE)
     patience: int = _option(100, "stop when the smoothed loss has not improved for this many iterations (0 = never)", allowed=NON_NEGATIVE)
     seed: int = _option(0, "random seed (network weights and noise)", allowed=NON_NEGATIVE)
+    ensemble: int = _option(1, "ensemble members optimised together, member m with seed + m; the result is their mean "
+                               "field and uncertainty.nii.gz their spread (dip only)", allowed=AT_LEAST_ONE)
+    dropout: float = _option(0.0, "dropout probability after every activation of the network; with ensemble K > 1 the "
+                                  "members are then K Monte Carlo dropout samples of one network instead of K networks "
+                                  "(K = 1: one sample)", allowed=Allowed(0, 0.99))
     device: str = _option("auto", "auto (CUDA when present), cpu or cuda", ("auto", "cpu", "cuda"))
     threads: int = _option(0, "CPU threads of the optimisation (0 = torch's default, one per core)", allowed=NON_NEGATIVE)
     cuda_graphs: bool = _option(True, "replay each deformable iteration as one captured CUDA graph (CUDA only; fewer kernel launches)")
@@ -114,6 +119,12 @@ class RegistrationConfig:
             allowed = f.metadata.get("allowed")
             if allowed and value not in allowed:
                 raise DipregError(f"{name}: must be {allowed}")
+        if self.ensemble > 1 and self.method != "dip":
+            raise DipregError(f"option ensemble={self.ensemble} (--ensemble): needs method dip (every free field starts "
+                              "at zero, so the members of a classic ensemble would all be the same)")
+        if self.ensemble > 1 and self.loss in ("mi", "nmi"):
+            raise DipregError(f"option ensemble={self.ensemble} (--ensemble): not available with loss {self.loss} "
+                              "(its joint histogram would mix the members); use lncc or ncc")
 
 
 #: Methods known to :func:`dipreg.baselines.run_method` (and ``dipreg evaluate --method``).

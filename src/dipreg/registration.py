@@ -38,6 +38,7 @@ from dipreg.images import (
     same_grid,
     write_image,
 )
+from dipreg.ensemble import ensemble_spread, member_transforms
 from dipreg.field_transform import FieldTransform, affine_transform
 from dipreg.initialisation import initial_rotation
 from dipreg.losses import similarity_loss
@@ -81,6 +82,11 @@ class RegistrationResult:
         extra_images: further outputs written by :meth:`save` (file name -> image), such as
             ``warped_labels.nii.gz``.
         landmarks: per-point landmark errors written by :meth:`save` as ``landmarks.csv``.
+        uncertainty: with ``ensemble=K > 1``, per voxel of the fixed grid the spread of the
+            members' displacements, ``sqrt(trace(cov))`` in mm (saved as ``uncertainty.nii.gz``);
+            None for a single run.
+        members: with ``ensemble=K > 1``, the K members' transforms (the same affine stage);
+            ``field_transform`` is their mean.
     """
 
     fixed: sitk.Image
@@ -94,6 +100,8 @@ class RegistrationResult:
     inverse_displacement: sitk.Image | None = None
     extra_images: dict[str, sitk.Image] = field(default_factory=dict)
     landmarks: list[dict[str, float]] = field(default_factory=list)
+    uncertainty: sitk.Image | None = None
+    members: list[FieldTransform] = field(default_factory=list)
 
     @property
     def displacement_array(self) -> np.ndarray:
@@ -141,7 +149,18 @@ class RegistrationResult:
             per_label = dice(sitk.GetArrayViewFromImage(fixed_labels), sitk.GetArrayViewFromImage(warped))
             self.metrics.update({f"dice_{label}": value for label, value in sorted(per_label.items())})
             self.metrics["dice_mean"] = float(np.nanmean(list(per_label.values()))) if per_label else float("nan")
+            self.score_uncertainty(fixed_labels, "labels")
         return warped
+
+    def score_uncertainty(self, region: sitk.Image, name: str) -> float | None:
+        """Mean of :attr:`uncertainty` (mm) over the nonzero voxels of ``region`` (an image on the
+        fixed grid), stored in the metrics as ``uncertainty_<name>_mean_mm``; None for a single run."""
+        if self.uncertainty is None:
+            return None
+        inside = sitk.GetArrayViewFromImage(region) != 0
+        value = float(sitk.GetArrayViewFromImage(self.uncertainty)[inside].mean()) if inside.any() else float("nan")
+        self.metrics[f"uncertainty_{name}_mean_mm"] = value
+        return value
 
     def score_landmarks(self, fixed_points: np.ndarray, moving_points: np.ndarray) -> dict[str, float]:
         """Target registration error of corresponding landmarks (mm): ``|p - q|`` before and
@@ -170,6 +189,8 @@ class RegistrationResult:
                         staging / "inverse_displacement.nii.gz")
             sitk.WriteTransform(self.field_transform.linear_transform(), str(staging / "affine.mat"))
             write_image(self.jacobian, staging / "jacobian.nii.gz")
+            if self.uncertainty is not None:
+                write_image(self.uncertainty, staging / "uncertainty.nii.gz")
             for name, image in self.extra_images.items():
                 write_image(image, staging / name)
             if self.landmarks:
@@ -406,7 +427,27 @@ def register(
         if mask is not None:
             info[name] = describe_initial_transform(mask)
     transform = field_transform_from(outcome, grid, config, initial)
-    return result_from_transform(fixed_image, moving_image, transform, info, outcome.loss_history)
+    result = result_from_transform(fixed_image, moving_image, transform, info, outcome.loss_history)
+    if outcome.members is not None:
+        add_ensemble(result, outcome.members)
+    return result
+
+
+def add_ensemble(result: RegistrationResult, fields: torch.Tensor) -> None:
+    """Give a result (whose transform is the members' mean) its members, its uncertainty image and
+    the uncertainty metrics, from the members' fields as optimised (``[K, ndim, *field_shape]``, mm)."""
+    result.members = member_transforms(result.field_transform, fields)
+    spread = ensemble_spread(result.members)
+    result.uncertainty = spread.displacement_std
+    result.extra_images["uncertainty_log_jacobian.nii.gz"] = spread.log_jacobian_std
+    result.metrics.update({
+        "ensemble": len(result.members),
+        "uncertainty_mean_mm": float(sitk.GetArrayViewFromImage(spread.displacement_std).mean()),
+        "uncertainty_log_jacobian_mean": float(sitk.GetArrayViewFromImage(spread.log_jacobian_std).mean()),
+        "uncertainty_definition": "per voxel sqrt(trace(cov)) of the ensemble members' displacements (mm, "
+                                  "unbiased over the members); the field is their mean (log-Euclidean for velocity fields)",
+    })
+    result.score_uncertainty(foreground_mask(result.fixed), "foreground")
 
 
 def starting_transform(fixed: sitk.Image, moving: sitk.Image, config: RegistrationConfig,
