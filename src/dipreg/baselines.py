@@ -13,7 +13,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import SimpleITK as sitk
@@ -150,12 +150,34 @@ def ants_registration(fixed: sitk.Image, moving: sitk.Image) -> RegistrationResu
     """ANTsPy ``registration(type_of_transform="SyN")`` with its defaults (affine + SyN).
 
     The forward transforms are composed by ``antsApplyTransforms`` into one displacement
-    field on the fixed grid (the ITK convention dipreg uses). ``ants_warped_difference`` in
-    the metrics is the largest difference between the moving image warped by that field and
-    ANTs' own warped image, relative to the moving intensity range (about 1e-5 when the
-    conventions agree). Runs are not reproducible: ANTsPy seeds the affine stage's random
-    sampling from the clock, and threads sum in varying order (fields differ by up to a few mm
-    between runs of one pair, SSIM by about 0.005).
+    field on the fixed grid (the ITK convention dipreg uses), see :func:`ants_result`. Runs
+    are not reproducible: ANTsPy seeds the affine stage's random sampling from the clock, and
+    threads sum in varying order (fields differ by up to a few mm between runs of one pair,
+    SSIM by about 0.005).
+
+    Raises:
+        DipregError: if ANTsPy (the ``dipreg[ants]`` extra) is not installed.
+    """
+    def syn(ants, ants_fixed, ants_moving, prefix):
+        outcome = ants.registration(ants_fixed, ants_moving, type_of_transform="SyN", outprefix=prefix)
+        return outcome["fwdtransforms"], outcome["warpedmovout"]
+
+    return ants_result(fixed, moving, syn, {"method": "ants", "options": {"type_of_transform": "SyN"}})
+
+
+#: ``run(ants, ants_fixed, ants_moving, outprefix)`` -> (forward transform files, ANTs' warped image).
+AntsRun = Callable[[Any, Any, Any, str], tuple[list[str], Any]]
+
+
+def ants_result(fixed: sitk.Image, moving: sitk.Image, run: AntsRun, info: dict[str, Any]) -> RegistrationResult:
+    """Run an ANTsPy registration and convert its forward transforms into a dipreg result.
+
+    ``run`` gets the ``ants`` module, the two images as ANTs images (read from files, so the
+    physical geometry is exactly SimpleITK's) and an output prefix in a temporary folder.
+    ``antsApplyTransforms`` composes the forward transforms into one displacement field on
+    the fixed grid. ``ants_warped_difference`` in the metrics is the largest difference
+    between the moving image warped by that field and ANTs' own warped image, relative to
+    the moving intensity range (about 1e-5 when the conventions agree).
 
     Raises:
         DipregError: if ANTsPy (the ``dipreg[ants]`` extra) is not installed.
@@ -165,19 +187,17 @@ def ants_registration(fixed: sitk.Image, moving: sitk.Image) -> RegistrationResu
     except ImportError:
         raise DipregError("method ants needs ANTsPy: pip install 'dipreg[ants]' (package antspyx)") from None
     with tempfile.TemporaryDirectory(prefix="dipreg-ants-") as tmp:
-        # File round trips keep the physical geometry exactly as SimpleITK has it.
         write_image(fixed, Path(tmp, "fixed.nii.gz"))
         write_image(moving, Path(tmp, "moving.nii.gz"))
         ants_fixed = ants.image_read(str(Path(tmp, "fixed.nii.gz")))
         ants_moving = ants.image_read(str(Path(tmp, "moving.nii.gz")))
-        outcome = ants.registration(ants_fixed, ants_moving, type_of_transform="SyN", outprefix=str(Path(tmp, "syn_")))
-        composed = ants.apply_transforms(ants_fixed, ants_moving, outcome["fwdtransforms"],
-                                         compose=str(Path(tmp, "composed_")))
+        fwdtransforms, ants_warped_image = run(ants, ants_fixed, ants_moving, str(Path(tmp, "reg_")))
+        composed = ants.apply_transforms(ants_fixed, ants_moving, fwdtransforms, compose=str(Path(tmp, "composed_")))
         field = sitk.Cast(sitk.ReadImage(composed), sitk.sitkVectorFloat64)
-        ants.image_write(outcome["warpedmovout"], str(Path(tmp, "warped.nii.gz")))
+        ants.image_write(ants_warped_image, str(Path(tmp, "warped.nii.gz")))
         ants_warped = sitk.GetArrayFromImage(sitk.ReadImage(str(Path(tmp, "warped.nii.gz"))))
     field.CopyInformation(fixed)
-    info = {"method": "ants", "options": {"type_of_transform": "SyN", "antspyx": ants.__version__}}
+    info = {**info, "options": {**info.get("options", {}), "antspyx": ants.__version__}}
     result = result_from_displacement(fixed, moving, field, info)
     # Convention check: our field must reproduce ANTs' own warped image.
     low, high = intensity_range(moving)
