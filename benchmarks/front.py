@@ -228,6 +228,13 @@ METHODS: dict[str, Method] = {
                   "dipreg default preset, λ swept", lambdas=True),
     "classic": Method(dipreg_runner("classic"), tuple({"regularization": v} for v in LAMBDAS), {"regularization": 1.0},
                       "dipreg classic preset (free SVF), λ swept", lambdas=True),
+    # Candidate changes to dipreg (issue 16, part 2): no default, measured against "dip".
+    "dip-bending": Method(dipreg_runner("default", regularization=0.0), tuple({"bending": w} for w in (0.5, 2.0, 8.0, 32.0)),
+                          None, "dipreg default with bending energy instead of diffusion, its weight swept"),
+    "dip-long": Method(dipreg_runner("default", iterations=1000, patience=0), tuple({"regularization": v} for v in LAMBDAS),
+                       None, "dipreg default run for 1000 iterations without early stopping, λ swept", lambdas=True),
+    "dip-w5": Method(dipreg_runner("default", lncc_window=5), tuple({"regularization": v} for v in LAMBDAS), None,
+                     "dipreg default with a 5-voxel LNCC window, λ swept", lambdas=True),
     "greedy": Method(run_greedy, tuple({k: round(v * s, 4) for k, v in GREEDY_DEFAULT.items()}
                                        for s in (0.75, 1.0, 1.5, 2.0, 3.0)), GREEDY_DEFAULT,
                      "Greedy NCC 2, affine first; -s sigmas (vox) swept by a common factor"),

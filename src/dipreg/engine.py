@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from dipreg.errors import DipregError
-from dipreg.losses import diffusion, ncc, similarity_loss
+from dipreg.losses import bending_energy, diffusion, ncc, similarity_loss
 from dipreg.networks import SkipGenerator
 from dipreg.transforms import Grid, identity_grid, integrate_velocity, resize_field, warp
 
@@ -49,6 +49,7 @@ class RegistrationConfig:
     loss: str = _option("lncc", "image similarity term", ("lncc", "ncc", "mae", "mse"))
     lncc_window: int = _option(9, "window width in voxels of the local NCC loss")
     regularization: float = _option(1.0, "weight of the diffusion penalty on the field (0 = none)")
+    bending: float = _option(0.0, "weight of the bending-energy penalty on the field, beside diffusion (0 = none)")
     field: str = _option("svf", "what is optimised: displacement, or svf (stationary velocity, diffeomorphic)", ("svf", "displacement"))
     field_resolution: float = _option(0.25, "field grid resolution as a fraction of the image's (0 < r <= 1)")
     integration_steps: int = _option(7, "scaling-and-squaring steps for svf")
@@ -89,8 +90,8 @@ class RegistrationConfig:
         for name in ("iterations", "channels", "levels", "input_channels", "lncc_window"):
             if getattr(self, name) < 1:
                 raise DipregError(f"option {name}={getattr(self, name)}: must be at least 1")
-        if self.learning_rate <= 0 or self.regularization < 0:
-            raise DipregError("options learning_rate must be > 0 and regularization >= 0")
+        if self.learning_rate <= 0 or self.regularization < 0 or self.bending < 0:
+            raise DipregError("options learning_rate must be > 0, regularization and bending >= 0")
 
 
 #: Named option sets. ``default`` is what measured best; ``paper`` is the published method.
@@ -437,6 +438,8 @@ def _optimise(fixed: torch.Tensor, moving: torch.Tensor, grid: Grid, config: Reg
             loss = similarity(fixed_level, warped)
             if config.regularization > 0:
                 loss = loss + config.regularization * diffusion(field_mm, coarse_spacing)
+            if config.bending > 0:
+                loss = loss + config.bending * bending_energy(field_mm, coarse_spacing)
             loss.backward()
             optimizer.step()
             return loss.detach()
