@@ -29,13 +29,12 @@ def test_front_keeps_the_undominated_points_that_do_not_fold():
     assert front.front(points, "m", "dice_mean") == kept
 
 
-def test_front_value_at_a_smoothness_is_linear_between_points_and_none_outside():
+def test_front_value_at_a_smoothness_is_its_best_point_no_rougher():
     line = [_point(0.1, 0.5), _point(0.2, 0.3), _point(0.4, 0.1)]
-    assert front.at_smoothness(line, "epe_mm", 0.15) == pytest.approx(0.4)
-    assert front.at_smoothness(line, "epe_mm", 0.3) == pytest.approx(0.2)
-    assert front.at_smoothness(line, "epe_mm", 0.4) == pytest.approx(0.1)
+    assert front.at_smoothness(line, "epe_mm", 0.15) == pytest.approx(0.5)
+    assert front.at_smoothness(line, "epe_mm", 0.2) == pytest.approx(0.3)
+    assert front.at_smoothness(line, "epe_mm", 0.5) == pytest.approx(0.1)
     assert front.at_smoothness(line, "epe_mm", 0.05) is None
-    assert front.at_smoothness(line, "epe_mm", 0.5) is None
 
 
 @pytest.fixture(scope="module")
