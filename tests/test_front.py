@@ -11,7 +11,7 @@ import SimpleITK as sitk
 from dipreg.images import resample_to_reference
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import front  # noqa: E402
+import front
 
 SHIFT_MM = (6.0, -4.0)
 
