@@ -1,4 +1,4 @@
-"""Similarity losses and the diffusion regulariser against values derived by hand."""
+"""Similarity losses and the diffusion and bending-energy regularisers against values derived by hand."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 from dipreg.losses import (
     SIMILARITY_LOSSES,
     LocalNCC,
+    bending_energy,
     diffusion,
     joint_histogram,
     lncc,
@@ -282,3 +283,31 @@ def test_mutual_information_gradient_matches_finite_differences(loss, rng: np.ra
         return loss(fixed, warped, mask, bins=8)
 
     assert torch.autograd.gradcheck(value, (interior,), eps=1e-6, atol=1e-6)
+
+
+def _positions_mm(shape: tuple[int, ...], spacing: tuple[float, ...]) -> list[torch.Tensor]:
+    """Physical coordinate (mm) along each array axis, broadcast to ``shape``."""
+    ndim = len(shape)
+    grids = torch.meshgrid(*[torch.arange(n, dtype=torch.float64) for n in shape], indexing="ij")
+    return [g * spacing[ndim - 1 - axis] for axis, g in enumerate(grids)]
+
+
+@pytest.mark.parametrize("shape, spacing", [((6, 7), (1.0, 1.0)), ((6, 7), (0.5, 2.0)), ((4, 5, 6), (1.5, 0.8, 2.5))])
+def test_bending_energy_of_quadratic_fields(shape: tuple[int, ...], spacing: tuple[float, ...]) -> None:
+    """u = c * p_a^2 in one component: its only second derivative is 2c (energy 4c^2); u = c * p_a * p_b
+    (a != b): mixed derivative c, counted twice (energy 2c^2); the other components are zero."""
+    c = 0.3
+    positions = _positions_mm(shape, spacing)
+    field = torch.zeros(1, len(shape), *shape, dtype=torch.float64)
+    field[0, 0] = c * positions[-1] ** 2
+    assert bending_energy(field, spacing).item() == pytest.approx(4 * c**2, rel=1e-9)
+    field[0, 0] = c * positions[0] * positions[-1]
+    assert bending_energy(field, spacing).item() == pytest.approx(2 * c**2, rel=1e-9)
+
+
+def test_bending_energy_does_not_penalise_affine_fields() -> None:
+    """Translations and linear maps have no second derivatives (diffusion does penalise the latter)."""
+    positions = _positions_mm((4, 5, 6), (1.5, 0.8, 2.5))
+    field = torch.stack([2.0 + 0.4 * positions[0] - 0.1 * positions[2], 0.3 * positions[1], -1.0 + 0 * positions[0]])[None]
+    assert bending_energy(field, (1.5, 0.8, 2.5)).item() == pytest.approx(0.0, abs=1e-12)
+    assert diffusion(field, (1.5, 0.8, 2.5)).item() > 0

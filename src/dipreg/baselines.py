@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import SimpleITK as sitk
@@ -147,12 +147,34 @@ def ants_registration(fixed: sitk.Image, moving: sitk.Image, syn_metric: str = "
     information), or ``CC`` (neighbourhood cross-correlation), ``meansquares``, ``demons``.
 
     The forward transforms are composed by ``antsApplyTransforms`` into one displacement
-    field on the fixed grid (the ITK convention dipreg uses). ``ants_warped_difference`` in
-    the metrics is the largest difference between the moving image warped by that field and
-    ANTs' own warped image, relative to the moving intensity range (about 1e-5 when the
-    conventions agree). Runs are not reproducible: ANTsPy seeds the affine stage's random
-    sampling from the clock, and threads sum in varying order (fields differ by up to a few mm
-    between runs of one pair, SSIM by about 0.005).
+    field on the fixed grid (the ITK convention dipreg uses), see :func:`ants_result`. Runs
+    are not reproducible: ANTsPy seeds the affine stage's random sampling from the clock, and
+    threads sum in varying order (fields differ by up to a few mm between runs of one pair,
+    SSIM by about 0.005).
+
+    Raises:
+        DipregError: if ANTsPy (the ``dipreg[ants]`` extra) is not installed.
+    """
+    def syn(ants, ants_fixed, ants_moving, prefix):
+        outcome = ants.registration(ants_fixed, ants_moving, type_of_transform="SyN", outprefix=prefix)
+        return outcome["fwdtransforms"], outcome["warpedmovout"]
+
+    return ants_result(fixed, moving, syn, {"method": "ants", "options": {"type_of_transform": "SyN"}})
+
+
+#: ``run(ants, ants_fixed, ants_moving, outprefix)`` -> (forward transform files, ANTs' warped image).
+AntsRun = Callable[[Any, Any, Any, str], tuple[list[str], Any]]
+
+
+def ants_result(fixed: sitk.Image, moving: sitk.Image, run: AntsRun, info: dict[str, Any]) -> RegistrationResult:
+    """Run an ANTsPy registration and convert its forward transforms into a dipreg result.
+
+    ``run`` gets the ``ants`` module, the two images as ANTs images (read from files, so the
+    physical geometry is exactly SimpleITK's) and an output prefix in a temporary folder.
+    ``antsApplyTransforms`` composes the forward transforms into one displacement field on
+    the fixed grid. ``ants_warped_difference`` in the metrics is the largest difference
+    between the moving image warped by that field and ANTs' own warped image, relative to
+    the moving intensity range (about 1e-5 when the conventions agree).
 
     Raises:
         DipregError: if ANTsPy (the ``dipreg[ants]`` extra) is not installed.
@@ -162,24 +184,22 @@ def ants_registration(fixed: sitk.Image, moving: sitk.Image, syn_metric: str = "
     except ImportError:
         raise DipregError("method ants needs ANTsPy: pip install 'dipreg[ants]' (package antspyx)") from None
     with tempfile.TemporaryDirectory(prefix="dipreg-ants-") as tmp:
-        # File round trips keep the physical geometry exactly as SimpleITK has it.
         write_image(fixed, Path(tmp, "fixed.nii.gz"))
         write_image(moving, Path(tmp, "moving.nii.gz"))
         ants_fixed = ants.image_read(str(Path(tmp, "fixed.nii.gz")))
         ants_moving = ants.image_read(str(Path(tmp, "moving.nii.gz")))
-        outcome = ants.registration(ants_fixed, ants_moving, type_of_transform="SyN", syn_metric=syn_metric,
-                                    outprefix=str(Path(tmp, "syn_")))
-        # fwdtransforms = [Warp, GenericAffine]: p -> affine(p + warp(p)); InverseWarp inverts the warp.
-        warp_path, affine_path = outcome["fwdtransforms"]
-        inverse_warp_path = outcome["invtransforms"][1]
+        fwdtransforms, ants_warped_image = run(ants, ants_fixed, ants_moving, str(Path(tmp, "reg_")))
+        # [Warp, GenericAffine]: p -> affine(p + warp(p)); antsRegistration writes the warp's inverse beside it.
+        warp_path, affine_path = fwdtransforms
+        inverse_warp_path = warp_path.replace("Warp.nii.gz", "InverseWarp.nii.gz")
         fields = [sitk.Cast(sitk.ReadImage(path), sitk.sitkVectorFloat64) for path in (warp_path, inverse_warp_path)]
         affine = as_affine(sitk.ReadTransform(affine_path))
-        ants.image_write(outcome["warpedmovout"], str(Path(tmp, "warped.nii.gz")))
+        ants.image_write(ants_warped_image, str(Path(tmp, "warped.nii.gz")))
         ants_warped = sitk.GetArrayFromImage(sitk.ReadImage(str(Path(tmp, "warped.nii.gz"))))
     for image in fields:
         image.CopyInformation(fixed)
     transform = FieldTransform(Grid.from_image(fixed), affine, fields[0], "displacement", deformable_inverse=fields[1])
-    info = {"method": "ants", "options": {"type_of_transform": "SyN", "syn_metric": syn_metric, "antspyx": ants.__version__}}
+    info = {**info, "options": {**info.get("options", {}), "antspyx": ants.__version__}}
     result = result_from_transform(fixed, moving, transform, info)
     # Convention check: our field must reproduce ANTs' own warped image.
     low, high = intensity_range(moving)

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from dipreg.errors import DipregError
 from dipreg.initialisation import rotation_from_parameters
-from dipreg.losses import diffusion, similarity_loss
+from dipreg.losses import bending_energy, diffusion, similarity_loss
 from dipreg.networks import SkipGenerator
 from dipreg.options import PRESETS, RegistrationConfig, make_config  # noqa: F401 (re-exported)
 from dipreg.transforms import Grid, identity_grid, integrate_velocity, resize_field, warp
@@ -279,7 +279,8 @@ def similarity_weight(fixed_mask: torch.Tensor | None, moving_mask: torch.Tensor
 
 
 class DeformableObjective:
-    """The deformable stage's loss: ``similarity(fixed, moving o (id + u)) + lambda R(field)``.
+    """The deformable stage's loss: ``similarity(fixed, moving o (id + u)) + lambda R(field) + beta B(field)``
+    (R diffusion, B bending energy).
 
     ``u`` is the field (mm, world axes, on the coarse field grid) in normalised units,
     integrated by scaling and squaring for ``svf`` and resized to the loss level. The loop
@@ -309,6 +310,8 @@ class DeformableObjective:
         loss = self.similarity(fixed, warped, similarity_weight(fixed_mask, moving_mask, displacement, identity))
         if self.config.regularization > 0:
             loss = loss + self.config.regularization * diffusion(field_mm, self.field_spacing)
+        if self.config.bending > 0:
+            loss = loss + self.config.bending * bending_energy(field_mm, self.field_spacing)
         return loss
 
 

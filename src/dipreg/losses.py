@@ -1,4 +1,4 @@
-"""Image dissimilarity terms and the diffusion regulariser, as plain functions.
+"""Image dissimilarity terms and the diffusion and bending-energy regularisers, as plain functions.
 
 Every similarity loss takes ``(fixed, warped, mask=None)`` tensors ``[N, C, *spatial]`` with
 intensities scaled to about [0, 1] and returns a scalar to minimise. ``mask`` is an optional
@@ -208,6 +208,28 @@ def diffusion(field: torch.Tensor, spacing: Sequence[float]) -> torch.Tensor:
         diff = torch.diff(field, dim=axis + 2) / step
         total = total + (diff * diff).mean()
     return total / ndim
+
+
+def bending_energy(field: torch.Tensor, spacing: Sequence[float]) -> torch.Tensor:
+    """Thin-plate bending energy per voxel of a ``[N, ndim, *spatial]`` field (mm per mm², squared).
+
+    The squared second derivatives summed over components and axis pairs (mixed ones counted
+    twice, as in the energy's definition), averaged over voxels; each from differences of
+    differences, which are exact for quadratic fields (``x**2`` gives 4, ``x * y`` gives 2). Compared with
+    :func:`diffusion` it penalises smooth, large-scale motion much less than fine-scale roughness.
+
+    Args:
+        field: displacement or velocity in mm.
+        spacing: the field grid's spacing in ``(x, y[, z])`` order.
+    """
+    ndim = field.dim() - 2
+    total = field.new_zeros(())
+    for a in range(ndim):
+        first = torch.diff(field, dim=a + 2) / spacing[ndim - 1 - a]
+        for b in range(ndim):
+            second = torch.diff(first, dim=b + 2) / spacing[ndim - 1 - b]
+            total = total + (second * second).sum(dim=1).mean()
+    return total
 
 
 #: Every similarity loss by name, built from ``(lncc_window, mi_bins)``.
