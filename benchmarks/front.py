@@ -53,10 +53,11 @@ from ablation import knownwarp2d_pairs, knownwarp3d_pairs, merge_row
 from evaluate_all import knownwarp2d_csv, oasis3d_csv
 
 from dipreg.baselines import ants_result, run_method
-from dipreg.cli import read_displacement
 from dipreg.errors import DipregError
-from dipreg.evaluation import read_pairs, score_pair, thread_limit
-from dipreg.images import intensity_range, write_image
+from dipreg.evaluation import score_pair
+from dipreg.execution import thread_limit
+from dipreg.images import intensity_range, read_displacement, write_image
+from dipreg.pairs import read_pairs
 from dipreg.metrics import jacobian_statistics
 from dipreg.registration import RegistrationResult, load_pair, result_from_displacement
 from dipreg.transforms import jacobian_determinant, voxel_displacement_from_image
@@ -286,7 +287,7 @@ def run_point(method: str, setting: Setting, spec, channel: int | None, threads:
         raise DipregError("front.py does not pass initial transforms to the peers")
     fixed, moving = load_pair(spec.fixed, spec.moving, channel, spec.fixed_channel, spec.moving_channel)
     result = METHODS[method].run(fixed, moving, setting, threads)
-    scores, _ = score_pair(spec, result, [])
+    scores = score_pair(spec, result, [])
     row = {key: result.metrics[key] for key in ROW_METRICS}
     row.update({k: v for k, v in scores.items() if k in ("dice_mean", "epe_mm", "mask_dice")})
     row.update(method=method, setting=setting)

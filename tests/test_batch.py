@@ -21,8 +21,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from dipreg.cli import main
-from dipreg.cli import EXIT_SOME_FAILED
+from dipreg.cli import EXIT_SOME_FAILED, main
 from dipreg.pairs import read_pairs
 from dipreg.errors import DipregError
 from dipreg.ledger import LEDGER_NAME, Ledger, pair_key

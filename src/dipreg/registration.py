@@ -369,6 +369,46 @@ def register(
             of the fixed foreground or is constant (see :func:`dipreg.images.check_moving_on_fixed`).
     """
     config = make_config(preset, **options)
+    pair = prepare_pair(fixed, moving, config, channel=channel, fixed_channel=fixed_channel,
+                        moving_channel=moving_channel, spacing=spacing, initial_transform=initial_transform,
+                        fixed_mask=fixed_mask, moving_mask=moving_mask)
+    return solve(pair, config, preset, progress=progress, callback=callback)
+
+
+@dataclass
+class PreparedPair:
+    """A pair read, checked and brought onto the fixed grid, ready for the optimiser.
+
+    Attributes:
+        fixed, moving: the images as read (moving on its own grid, original intensities).
+        grid: the fixed image's grid.
+        initial: the transform the optimisation starts from (the user's initial transform and
+            the start search's rotation), or None.
+        header_aligned: the moving image on the fixed grid through the headers alone.
+        fixed01, moving01: the fixed image and the moving image through ``initial``, on the
+            fixed grid, scaled to [0, 1] for the optimisation (0.5-99.5 percentiles).
+        fixed_weight, moving_weight: the similarity masks on the fixed grid (0/1), or None.
+        info: what the metrics say about the preparation (initial transform, masks, start).
+    """
+
+    fixed: sitk.Image
+    moving: sitk.Image
+    grid: Grid
+    initial: sitk.Transform | None
+    header_aligned: sitk.Image
+    fixed01: np.ndarray
+    moving01: np.ndarray
+    fixed_weight: np.ndarray | None
+    moving_weight: np.ndarray | None
+    info: dict[str, Any]
+
+
+def prepare_pair(fixed: ImageLike, moving: ImageLike, config: RegistrationConfig, *, channel: int | None = None,
+                 fixed_channel: int | None = None, moving_channel: int | None = None,
+                 spacing: tuple[float, ...] | None = None, initial_transform: InitialTransform = None,
+                 fixed_mask: MaskLike = None, moving_mask: MaskLike = None) -> PreparedPair:
+    """Read and check a pair, find the start and put the moving image and masks on the fixed grid
+    (the arguments are those of :func:`register`); raises a DipregError before any optimisation."""
     # From the fixed image's header (the grid of the whole run), before any voxel is read.
     try:
         check_memory(image_shape(fixed, fixed_channel if fixed_channel is not None else channel), config)
@@ -376,37 +416,47 @@ def register(
         raise DipregError(f"{input_name(fixed, 'fixed image')}: {exc}") from None
     fixed_image, moving_image = load_pair(fixed, moving, channel, fixed_channel, moving_channel, spacing)
     user_initial = load_initial_transform(initial_transform, fixed_image.GetDimension())
-    grid = Grid.from_image(fixed_image)
     fixed_weight = mask_on(fixed_mask, fixed_image)
     moving_weight = mask_on(moving_mask, moving_image)
-    initial, init_info = starting_transform(fixed_image, moving_image, config, user_initial, fixed_weight, moving_weight)
+    initial, info = starting_transform(fixed_image, moving_image, config, user_initial, fixed_weight, moving_weight)
     header_aligned = (moving_image if same_grid(fixed_image, moving_image)
                       else resample_to_fixed(moving_image, fixed_image))
     moving_on_fixed = header_aligned if initial is None else resample_to_fixed(moving_image, fixed_image, initial)
     check_moving_on_fixed(moving_image, fixed_image, moving_on_fixed, initial,
                           input_name(moving, "moving image"), input_name(fixed, "fixed image"))
-    fixed01 = normalise(sitk.GetArrayViewFromImage(fixed_image), intensity_range(fixed_image))
-
-    def tensor(image: sitk.Image, value_range: tuple[float, float]) -> torch.Tensor:
-        array = normalise(sitk.GetArrayViewFromImage(image), value_range)
-        return torch.from_numpy(array)[None, None]
-
     if moving_weight is not None:
         moving_weight = resample_to_reference(moving_weight, fixed_image, initial, interpolation="nearest")
-    outcome = optimise(
-        torch.from_numpy(fixed01)[None, None],
-        torch.from_numpy(normalise(sitk.GetArrayViewFromImage(moving_on_fixed), intensity_range(moving_image)))[None, None],
-        grid, config, progress=progress, callback=callback,
-        fixed_mask=None if fixed_weight is None else tensor(fixed_weight, (0.0, 1.0)),
-        moving_mask=None if moving_weight is None else tensor(moving_weight, (0.0, 1.0)),
-    )
+    if user_initial is not None:
+        info["initial_transform"] = describe_initial_transform(initial_transform)
+    for name, mask in (("fixed_mask", fixed_mask), ("moving_mask", moving_mask)):
+        if mask is not None:
+            info[name] = describe_initial_transform(mask)
+
+    def weight(mask: sitk.Image | None) -> np.ndarray | None:
+        return None if mask is None else normalise(sitk.GetArrayViewFromImage(mask), (0.0, 1.0))
+
+    return PreparedPair(
+        fixed_image, moving_image, Grid.from_image(fixed_image), initial, header_aligned,
+        normalise(sitk.GetArrayViewFromImage(fixed_image), intensity_range(fixed_image)),
+        normalise(sitk.GetArrayViewFromImage(moving_on_fixed), intensity_range(moving_image)),
+        weight(fixed_weight), weight(moving_weight), info)
+
+
+def solve(pair: PreparedPair, config: RegistrationConfig, preset: str = "default", progress: bool = False,
+          callback: ProgressCallback | None = None) -> RegistrationResult:
+    """Optimise a prepared pair and build its result (transform, inverse, warped image, metrics)."""
+    def tensor(array: np.ndarray | None) -> torch.Tensor | None:
+        return None if array is None else torch.from_numpy(array)[None, None]
+
+    outcome = optimise(tensor(pair.fixed01), tensor(pair.moving01), pair.grid, config, progress=progress,
+                       callback=callback, fixed_mask=tensor(pair.fixed_weight), moving_mask=tensor(pair.moving_weight))
 
     def similarity(moving01: np.ndarray) -> dict[str, float]:
-        return {"ssim": ssim(fixed01, moving01), "ncc": ncc(fixed01, moving01)}
+        return {"ssim": ssim(pair.fixed01, moving01), "ncc": ncc(pair.fixed01, moving01)}
 
     # Before registering: with the headers alone, and after the affine stage (None when skipped).
     before = {
-        "identity": similarity(normalise(sitk.GetArrayViewFromImage(header_aligned), intensity_range(moving_image))),
+        "identity": similarity(normalise(sitk.GetArrayViewFromImage(pair.header_aligned), intensity_range(pair.moving))),
         "affine": None if outcome.affine_warped is None else similarity(outcome.affine_warped[0, 0].numpy()),
     }
     info = {
@@ -419,15 +469,10 @@ def register(
         "options": dataclasses.asdict(config),
         "before": before,
         "loss_stages": outcome.loss_stages,
+        **pair.info,
     }
-    if user_initial is not None:
-        info["initial_transform"] = describe_initial_transform(initial_transform)
-    info.update(init_info)
-    for name, mask in (("fixed_mask", fixed_mask), ("moving_mask", moving_mask)):
-        if mask is not None:
-            info[name] = describe_initial_transform(mask)
-    transform = field_transform_from(outcome, grid, config, initial)
-    result = result_from_transform(fixed_image, moving_image, transform, info, outcome.loss_history)
+    transform = field_transform_from(outcome, pair.grid, config, pair.initial)
+    result = result_from_transform(pair.fixed, pair.moving, transform, info, outcome.loss_history)
     if outcome.members is not None:
         add_ensemble(result, outcome.members)
     return result
