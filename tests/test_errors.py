@@ -105,7 +105,8 @@ INPUT_CASES = {
     "2D vs 3D": ("good", "volume.nii.gz", [], "volume.nii.gz", "moving image is 3D but fixed image"),
     "no overlap": ("good", "far.nii.gz", [], "far.nii.gz", "does not overlap"),
     "100x spacing mismatch": ("good", "coarse.nii.gz", [], "coarse.nii.gz",
-                              "moving image is constant; moving: spacing 400x400 mm"),
+                              "spans only 0.63 moving voxels along one axis (at least 4 needed; a wrong spacing?); "
+                              "moving: spacing 400x400 mm"),
     "multi-channel without --channel": ("rgb.tif", "rgb.tif", [], "rgb.tif", "3 channels; choose one with --channel"),
     "channel out of range": ("rgb.tif", "rgb.tif", ["--channel", "5"], "rgb.tif", "--channel 5 out of range 0..2"),
     "complex": ("complex.nii.gz", "good", [], "complex.nii.gz", "complex pixel type"),

@@ -36,6 +36,8 @@ COMPLEX_PIXEL_TYPES = (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64)
 FOREGROUND_LEVEL = 0.1
 MIN_FOREGROUND_COVERAGE = 0.25
 MIN_RESAMPLED_CONTRAST = 0.01
+#: Fewest moving voxels the fixed field of view must span along every moving axis.
+MIN_MOVING_VOXELS_ACROSS = 4
 
 
 def read_image(path: str | os.PathLike, channel: int | None = None) -> sitk.Image:
@@ -260,6 +262,17 @@ def check_moving_on_fixed(moving: sitk.Image, fixed: sitk.Image, moving_on_fixed
     less than :data:`MIN_FOREGROUND_COVERAGE` of the fixed image's foreground or is constant
     there (e.g. a wrong spacing in a header), naming both images' spacings and extents."""
     geometry = f"moving: {describe_grid(moving)}; fixed {fixed_name}: {describe_grid(fixed)}"
+    # How many moving voxels the fixed field of view spans along each moving axis: a wrong
+    # spacing (e.g. 100x) leaves the whole fixed image inside one or two moving voxels, which a
+    # start search could still shift into view.
+    transform = transform or sitk.Transform(fixed.GetDimension(), sitk.sitkIdentity)
+    size = np.array(fixed.GetSize())
+    corners = np.array(np.meshgrid(*[[0, n - 1] for n in size], indexing="ij")).reshape(len(size), -1).T
+    spans = np.ptp([moving.TransformPhysicalPointToContinuousIndex(transform.TransformPoint(
+        fixed.TransformContinuousIndexToPhysicalPoint(c.tolist()))) for c in corners.astype(float)], axis=0)
+    if spans.min() < MIN_MOVING_VOXELS_ACROSS:
+        raise DipregError(f"{moving_name}: the fixed image's field of view spans only {spans.min():.2g} moving voxels "
+                          f"along one axis (at least {MIN_MOVING_VOXELS_ACROSS} needed; a wrong spacing?); {geometry}")
     foreground = normalise(sitk.GetArrayViewFromImage(fixed), intensity_range(fixed)) > FOREGROUND_LEVEL
     support = sitk.Image(moving.GetSize(), sitk.sitkUInt8) + 1
     support.CopyInformation(moving)
