@@ -34,3 +34,18 @@ def test_cpu_threads_sets_and_restores() -> None:
     assert torch.get_num_threads() == before
     with cpu_threads(0):
         assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("given, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_import_makes_openmp_wait_passively_unless_told_otherwise(given, expected) -> None:
+    """``import dipreg`` sets OMP_WAIT_POLICY=PASSIVE before PyTorch loads; a user's own setting stays."""
+    import os
+    import subprocess
+    import sys
+
+    env = {key: value for key, value in os.environ.items() if key != "OMP_WAIT_POLICY"}
+    if given:
+        env["OMP_WAIT_POLICY"] = given
+    script = "import os, dipreg; print(os.environ['OMP_WAIT_POLICY'])"
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
+    assert completed.stdout.strip() == expected, completed.stderr
