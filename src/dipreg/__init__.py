@@ -5,9 +5,9 @@ __version__ = "0.1.0"
 import os  # noqa: E402
 
 # OpenMP threads that wait for work spin on their core by default; with two registrations (or a
-# registration and anything else) on the same cores that spinning starves the others. Passive
-# waiting measured 1.6x instead of 1.9x each for two `--preset fast` demo runs at once on 2 cores
-# (and 10.6 vs 12.1 s alone). It only takes effect if set before PyTorch is first imported.
+# registration and anything else) on the same cores that spinning starves the others. Two default
+# demo runs at once on 2 cores each took 1.2-1.3x their time alone with passive waiting, 3.1x
+# with active waiting (alone 26 and 25 s). It only takes effect if set before PyTorch is imported.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from dipreg.errors import DipregError  # noqa: E402
