@@ -6,8 +6,9 @@ import os  # noqa: E402
 
 # OpenMP threads that wait for work spin on their core by default; with two registrations (or a
 # registration and anything else) on the same cores that spinning starves the others. Two default
-# demo runs at once on 2 cores each took 1.2-1.3x their time alone with passive waiting, 3.1x
-# with active waiting (alone 26 and 25 s). It only takes effect if set before PyTorch is imported.
+# demo runs at once on 2 cores took 1.2x their time alone with passive waiting, 3.1-4.8x with
+# active waiting; alone, passive costs 5-25 % (benchmarks/contention.py). It only takes effect if
+# set before PyTorch is imported.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from dipreg.errors import DipregError  # noqa: E402
