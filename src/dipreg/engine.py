@@ -279,21 +279,38 @@ def similarity_weight(fixed_mask: torch.Tensor | None, moving_mask: torch.Tensor
 
 
 class DeformableObjective:
-    """The deformable stage's loss: ``similarity(fixed, moving o (id + u)) + lambda R(field) + beta B(field)``
-    (R diffusion, B bending energy).
+    """The deformable stage's loss: ``similarity(fixed, moving o A o (id + u)) + lambda R(field) + beta B(field)``
+    (R diffusion, B bending energy, A the affine stage's ``x -> M x + t`` or the identity).
 
     ``u`` is the field (mm, world axes, on the coarse field grid) in normalised units,
-    integrated by scaling and squaring for ``svf`` and resized to the loss level. The loop
-    and the memory estimate (:mod:`dipreg.memory`) both call this one objective.
+    integrated by scaling and squaring for ``svf`` and resized to the loss level. The affine
+    map is composed with ``u`` before the moving image is sampled, so the image is
+    interpolated once per iteration (sampling an affinely resampled copy blurs it twice;
+    measured: EPE 0.164 vs 0.131 mm on a known 2D warp). The loop and the memory estimate
+    (:mod:`dipreg.memory`) both call this one objective.
     """
 
     def __init__(self, config: RegistrationConfig, to_normalized: torch.Tensor, field_spacing: Sequence[float],
-                 field_shape: tuple[int, ...], device: torch.device | str = "cpu"):
+                 field_shape: tuple[int, ...], device: torch.device | str = "cpu",
+                 affine_matrix: torch.Tensor | None = None, affine_translation: torch.Tensor | None = None):
         self.config = config
         self.to_normalized = to_normalized
         self.field_spacing = field_spacing
         self.identity_field = identity_grid(field_shape, device) if config.field == "svf" else None
         self.similarity = similarity_loss(config.loss, config.lncc_window, config.mi_bins)
+        ndim = len(field_shape)
+        self.affine_matrix = torch.eye(ndim, device=device) if affine_matrix is None else affine_matrix
+        self.affine_translation = torch.zeros(ndim, device=device) if affine_translation is None else affine_translation
+        self._affine_on_level: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def moving_displacement(self, field_mm: torch.Tensor, identity: torch.Tensor) -> torch.Tensor:
+        """The normalised displacement ``A(x + u(x)) - x`` that samples the moving image on the
+        grid of ``identity`` (a pyramid level)."""
+        level_shape = tuple(identity.shape[1:-1])
+        if level_shape not in self._affine_on_level:  # constant during the deformable stage
+            self._affine_on_level[level_shape] = affine_displacement(self.affine_matrix, self.affine_translation, identity)
+        deformable = self.displacement(field_mm, level_shape)
+        return self._affine_on_level[level_shape] + torch.einsum("ij,bj...->bi...", self.affine_matrix, deformable)
 
     def displacement(self, field_mm: torch.Tensor, level_shape: tuple[int, ...]) -> torch.Tensor:
         """The normalised displacement of ``field_mm`` on a grid of ``level_shape``."""
@@ -304,8 +321,9 @@ class DeformableObjective:
 
     def __call__(self, field_mm: torch.Tensor, fixed: torch.Tensor, moving: torch.Tensor, identity: torch.Tensor,
                  fixed_mask: torch.Tensor | None = None, moving_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The loss of ``field_mm`` on one pyramid level (``identity`` is that level's grid)."""
-        displacement = self.displacement(field_mm, tuple(fixed.shape[2:]))
+        """The loss of ``field_mm`` on one pyramid level (``identity`` is that level's grid;
+        ``moving`` and its mask are as given, before the affine map)."""
+        displacement = self.moving_displacement(field_mm, identity)
         warped = warp(moving, displacement, identity)
         loss = self.similarity(fixed, warped, similarity_weight(fixed_mask, moving_mask, displacement, identity))
         if self.config.regularization > 0:
@@ -458,11 +476,10 @@ def _optimise(fixed: torch.Tensor, moving: torch.Tensor, grid: Grid, config: Reg
     if config.affine or config.transform != "deformable":
         matrix, translation, history = align_affine(fixed, moving, config, progress, grid.spacing, fixed_mask, moving_mask)
         loss_stages.append({"stage": "affine", "losses": list(history)})
+    affine_warped = None
+    if config.affine or config.transform != "deformable":
         with torch.no_grad():
-            affine = affine_displacement(matrix, translation, identity)
-            moving = warp(moving, affine, identity)
-            moving_mask = None if moving_mask is None else warp(moving_mask, affine, identity)
-    affine_warped = moving.cpu() if config.affine or config.transform != "deformable" else None
+            affine_warped = warp(moving, affine_displacement(matrix, translation, identity), identity).cpu()
     if config.transform != "deformable":
         return OptimisationResult(
             displacement=affine_displacement(matrix, translation, identity).cpu(), affine_matrix=matrix.cpu(),
@@ -482,7 +499,8 @@ def _optimise(fixed: torch.Tensor, moving: torch.Tensor, grid: Grid, config: Reg
     if config.channels_last and model.network is not None and ndim == 2:
         model.network.to(memory_format=torch.channels_last)
     objective = DeformableObjective(config, torch.as_tensor(grid.world_to_normalized_matrix(), dtype=torch.float32,
-                                                            device=device), coarse_spacing, coarse_shape, device)
+                                                            device=device), coarse_spacing, coarse_shape, device,
+                                    matrix, translation)
     use_graphs = config.cuda_graphs and device.type == "cuda"
     # foreach: one batched update of the network's ~100 small tensors instead of a loop over
     # them (the CPU default); the same arithmetic.
