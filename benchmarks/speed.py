@@ -1,31 +1,37 @@
-"""Speed benchmark: ``dipreg register`` (default, fast and paper presets) against ANTsPy SyN.
+"""Speed benchmark: ``dipreg register`` (default, fast, paper presets) against ANTsPy SyN and Greedy.
 
-Both tools register the SAME pairs in ONE invocation, alternating (the method order rotates
+All tools register the SAME pairs in ONE invocation, alternating (the method order rotates
 with each repetition), each run a whole process started from scratch:
 
 * ``python -m dipreg register FIXED MOVING -o OUT --quiet --preset P --device D`` (the same
   command line as the ``dipreg`` console script)
 * ``python benchmarks/ants_syn.py FIXED MOVING OUT`` (``ants.registration(type_of_transform="SyN")``
   with its defaults, writing the warped image and the composed displacement field)
+* ``python benchmarks/greedy_register.py FIXED MOVING OUT`` (picsl-greedy as its documentation
+  shows for brain MRI: affine, then deformable NCC 2 with Greedy's default smoothing and
+  iterations, the same commands as ``benchmarks/front.py``'s default Greedy point; writing the
+  warped image and the displacement field composed by Greedy's ``-rc``)
 
 Per run: whole-process wall time, registration-only seconds (dipreg's ``metrics.json``
-``seconds``; ANTs: the ``ants.registration`` call), and the child's own peak RSS (``wait4``
-resource usage of that process). Accuracy is computed afterwards, outside the timing, from
-each method's displacement field by the same code (``result_from_displacement``: SSIM,
-folding %, SDlogJ; Dice where the pair has labels). The inputs are first written once as
-NIfTI by ``dipreg.registration.load_pair`` (channel selection included), so both tools read
-identical files. Both get the same thread count (``OMP_NUM_THREADS`` and
-``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS``); on a machine shared with other jobs use
-``--threads 1``: torch's OpenMP threads wait for each other by spinning, and with the cores
-busy an iteration took up to 55 times longer with two threads than with one.
+``seconds``; ANTs: the ``ants.registration`` call; Greedy: its affine and deformable stages),
+and the child's own peak RSS (``wait4`` resource usage of that process). Accuracy is computed
+afterwards, outside the timing, from each method's displacement field by the same code
+(``result_from_displacement``: SSIM, folding %, SDlogJ; Dice where the pair has labels). The
+inputs are first written once as NIfTI by ``dipreg.registration.load_pair`` (channel selection
+included), so every tool reads identical files. All get the same thread count (``OMP_NUM_THREADS``
+and ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS``; Greedy ``-threads`` from the former); on a machine
+shared with other jobs use ``--threads 1``: torch's OpenMP threads wait for each other by
+spinning, and with the cores busy an iteration took up to 55 times longer with two threads than
+with one.
 
-Writes ``benchmarks/results/speed-<host>.json`` and prints medians and the dipreg/ANTs ratios.
+Writes ``benchmarks/results/speed-<host>.json`` and prints medians and the ratios of every
+method's times to each reference's (dipreg/ANTs, dipreg/Greedy; the references to each other).
 
     python benchmarks/speed.py                               # all pairs, 3 repeats: hours (paper preset)
     python benchmarks/speed.py --pairs ants2d --repeats 1    # a quick check
     python benchmarks/speed.py --skip-paper --threads 2
-    python benchmarks/speed.py --device cuda                 # dipreg on the GPU (ANTs stays on the CPU)
-    python benchmarks/speed.py --device cuda --skip-ants     # a GPU machine without antspyx
+    python benchmarks/speed.py --device cuda                 # dipreg on the GPU (ANTs, Greedy stay on the CPU)
+    python benchmarks/speed.py --device cuda --skip-ants --skip-greedy   # a GPU machine without antspyx, picsl-greedy
 """
 
 from __future__ import annotations
@@ -62,12 +68,13 @@ from dipreg.registration import load_pair, result_from_displacement
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 RESULTS = ROOT / "benchmarks" / "results"
-ANTS_SCRIPT = ROOT / "benchmarks" / "ants_syn.py"
-
+#: The references of the ratios: each one's whole-process script and its column label in the table.
+REFERENCES = {
+    "ants SyN": (ROOT / "benchmarks" / "ants_syn.py", "ANTs"),
+    "greedy": (ROOT / "benchmarks" / "greedy_register.py", "Greedy"),
+}
 #: Methods in their base order; the order rotates with each repetition.
-METHODS = ("dipreg default", "dipreg fast", "dipreg paper", "ants SyN")
-#: The reference of the ratios.
-BASELINE = "ants SyN"
+METHODS = ("dipreg default", "dipreg fast", "dipreg paper", *REFERENCES)
 ACCURACY = ("ssim", "folding_percent", "sdlogj", "jacobian_min", "dice_mean")
 
 
@@ -88,8 +95,8 @@ def benchmark_pairs() -> dict[str, PairSpec]:
 
 def command(method: str, fixed: Path, moving: Path, outdir: Path, device: str) -> list[str]:
     """The command line of one whole-process run."""
-    if method == BASELINE:
-        return [sys.executable, str(ANTS_SCRIPT), str(fixed), str(moving), str(outdir)]
+    if method in REFERENCES:
+        return [sys.executable, str(REFERENCES[method][0]), str(fixed), str(moving), str(outdir)]
     preset = method.split()[-1]
     return [sys.executable, "-m", "dipreg", "register", str(fixed), str(moving), "-o", str(outdir), "--quiet",
             "--preset", preset, "--device", device]
@@ -128,7 +135,7 @@ def score(spec: PairSpec, fixed: sitk.Image, moving: sitk.Image, outdir: Path) -
 
 def registration_seconds(method: str, outdir: Path) -> dict[str, Any]:
     """Registration-only seconds (and dipreg's iteration count) from a run's own report."""
-    if method == BASELINE:
+    if method in REFERENCES:  # the references' scripts write timing.json
         return {"registration_s": json.loads((outdir / "timing.json").read_text())["seconds"]}
     metrics = json.loads((outdir / "metrics.json").read_text())
     return {"registration_s": metrics["seconds"], "iterations": metrics["iterations"],
@@ -150,15 +157,17 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
-def ratios(summaries: dict[str, dict[str, Any]]) -> dict[str, dict[str, float | None]]:
-    """Median wall and registration time of each dipreg method over ANTs SyN's."""
-    base = summaries.get(BASELINE)
+def ratios(summaries: dict[str, dict[str, Any]]) -> dict[str, dict[str, dict[str, float | None]]]:
+    """Per reference that ran, the median wall and registration time of every other method over its own."""
     result = {}
-    for method, summary in summaries.items():
-        if method == BASELINE or base is None:
+    for reference in REFERENCES:
+        base = summaries.get(reference)
+        if base is None:
             continue
-        result[method] = {key: summary[key] / base[key] if summary[key] and base[key] else None
-                          for key in ("wall_s", "registration_s")}
+        result[reference] = {
+            method: {key: summary[key] / base[key] if summary[key] and base[key] else None
+                     for key in ("wall_s", "registration_s")}
+            for method, summary in summaries.items() if method != reference}
     return result
 
 
@@ -195,7 +204,7 @@ def benchmark_pair(name: str, spec: PairSpec, methods: list[str], repeats: int, 
     summaries = {method: summarise(method_runs) for method, method_runs in runs.items()}
     return {
         "fixed": str(spec.fixed), "moving": str(spec.moving), "channel": spec.fixed_channel,
-        "shape": list(shape), "skipped": skipped, "runs": runs, "summary": summaries, "ratio_to_ants": ratios(summaries),
+        "shape": list(shape), "skipped": skipped, "runs": runs, "summary": summaries, "ratios": ratios(summaries),
     }
 
 
@@ -216,16 +225,18 @@ def _cell(value: Any, decimals: int) -> str:
 
 
 def format_table(pairs: dict[str, dict[str, Any]]) -> str:
-    """Medians per pair and method, with the ratios to ANTs SyN."""
-    header = (f"{'pair':<8} {'method':<15} {'wall s':>7} {'xANTs':>6} {'reg s':>7} {'xANTs':>6} {'peak MB':>8} "
+    """Medians per pair and method, with the ratios to each reference (``xANTs``, ``xGreedy``)."""
+    over = " ".join(f"{'x' + label:>7}" for _, label in REFERENCES.values())
+    header = (f"{'pair':<8} {'method':<15} {'wall s':>7} {over} {'reg s':>7} {over} {'peak MB':>8} "
               f"{'SSIM':>6} {'fold %':>7} {'SDlogJ':>7} {'Dice':>6}")
     lines = [header, "-" * len(header)]
     for name, pair in pairs.items():
         for method, s in pair["summary"].items():
-            ratio = pair["ratio_to_ants"].get(method, {})
+            ratio = {key: " ".join(f"{_cell(pair['ratios'].get(ref, {}).get(method, {}).get(key), 2):>7}"
+                                   for ref in REFERENCES) for key in ("wall_s", "registration_s")}
             lines.append(
-                f"{name:<8} {method:<15} {_cell(s['wall_s'], 1):>7} {_cell(ratio.get('wall_s'), 2):>6} "
-                f"{_cell(s['registration_s'], 1):>7} {_cell(ratio.get('registration_s'), 2):>6} "
+                f"{name:<8} {method:<15} {_cell(s['wall_s'], 1):>7} {ratio['wall_s']} "
+                f"{_cell(s['registration_s'], 1):>7} {ratio['registration_s']} "
                 f"{_cell(s['peak_rss_mb'], 0):>8} {_cell(s['ssim'], 3):>6} {_cell(s['folding_percent'], 3):>7} "
                 f"{_cell(s['sdlogj'], 3):>7} {_cell(s['dice_mean'], 3):>6}"
                 + (f"  ({s['failed']} of {s['runs']} runs failed)" if s["failed"] else ""))
@@ -243,17 +254,19 @@ def main() -> None:
     parser.add_argument("--skip-paper", action="store_true", help="leave out the (slow) paper preset")
     parser.add_argument("--skip-fast", action="store_true", help="leave out the fast preset")
     parser.add_argument("--skip-ants", action="store_true",
-                        help="leave out ANTs SyN (where antspyx is not installed, e.g. a GPU machine): no ratios")
+                        help="leave out ANTs SyN (where antspyx is not installed, e.g. a GPU machine): no ratios to it")
+    parser.add_argument("--skip-greedy", action="store_true",
+                        help="leave out Greedy (where picsl-greedy is not installed): no ratios to it")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                        help="dipreg's --device (default: %(default)s); ANTs runs on the CPU")
+                        help="dipreg's --device (default: %(default)s); ANTs and Greedy run on the CPU")
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
-                        help="threads of every run, both tools (default: all cores, %(default)s)")
+                        help="threads of every run, all tools (default: all cores, %(default)s)")
     parser.add_argument("-o", "--output", type=Path, default=RESULTS / f"speed-{platform.node()}.json",
                         help="JSON file to write (default: %(default)s)")
     args = parser.parse_args()
     methods = [m for m in METHODS
                if not (args.skip_paper and m == "dipreg paper") and not (args.skip_fast and m == "dipreg fast")
-               and not (args.skip_ants and m == BASELINE)]
+               and not (args.skip_ants and m == "ants SyN") and not (args.skip_greedy and m == "greedy")]
     started = datetime.datetime.now().isoformat(timespec="seconds")
     load_before = os.getloadavg()
     results = {}
@@ -267,6 +280,7 @@ def main() -> None:
         "load_average_before": load_before, "load_average_after": os.getloadavg(),
         "versions": {"dipreg": dipreg.__version__, "torch": torch.__version__, "numpy": np.__version__,
                      "antspyx": None if args.skip_ants else importlib.metadata.version("antspyx"),
+                     "picsl_greedy": None if args.skip_greedy else importlib.metadata.version("picsl-greedy"),
                      "python": platform.python_version()},
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else None,
         "wall_definition": "whole process, start to exit (imports, reading, registration, metrics/outputs)",

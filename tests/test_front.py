@@ -1,6 +1,9 @@
 """benchmarks/front.py: the front of a method's points, interpolation on it, and the peers'
 conventions (their fields must map a known shift back in dipreg's convention)."""
 
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -55,3 +58,29 @@ def test_peer_recovers_a_known_shift_in_dipreg_convention(shifted_pair, method):
     interior = result.displacement_array[16:-16, 16:-16].reshape(-1, 2).mean(axis=0)
     assert np.allclose(interior, SHIFT_MM, atol=1.0)
     assert result.metrics["ncc"] > 0.97
+
+
+def test_greedy_register_script_recovers_a_known_shift_in_dipreg_convention(shifted_pair, tmp_path):
+    """benchmarks/greedy_register.py (the Greedy run that speed.py times) as a whole process: its
+    displacement maps the shift back, reproduces Greedy's warped image, and it loads no dipreg/torch."""
+    pytest.importorskip("picsl_greedy", reason="picsl-greedy is not installed")
+    fixed, moving = shifted_pair
+    sitk.WriteImage(fixed, str(tmp_path / "fixed.nii.gz"))
+    sitk.WriteImage(moving, str(tmp_path / "moving.nii.gz"))
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "greedy_register.py"
+    argv = [str(script), str(tmp_path / "fixed.nii.gz"), str(tmp_path / "moving.nii.gz"), str(tmp_path / "out")]
+    check = (f"import runpy, sys; sys.argv = {argv!r}; runpy.run_path(sys.argv[0], run_name='__main__'); "
+             "assert not {'dipreg', 'torch'} & set(sys.modules), 'imports dipreg or torch'")
+    subprocess.run([sys.executable, "-c", check], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out = tmp_path / "out"
+    assert json.loads((out / "timing.json").read_text())["seconds"] > 0
+    assert (out / "greedy.log").read_text()
+    field = sitk.ReadImage(str(out / "displacement.nii.gz"), sitk.sitkVectorFloat64)
+    assert field.GetSize() == fixed.GetSize()
+    field.CopyInformation(fixed)
+    warped = sitk.Resample(moving, fixed, sitk.DisplacementFieldTransform(sitk.Image(field)), sitk.sitkLinear, 0.0)
+    greedy_warped = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "warped.nii.gz")))
+    values = sitk.GetArrayFromImage(moving)
+    assert np.abs(sitk.GetArrayFromImage(warped) - greedy_warped).max() < 1e-3 * (values.max() - values.min())
+    interior = sitk.GetArrayFromImage(field)[16:-16, 16:-16].reshape(-1, 2).mean(axis=0)
+    assert np.allclose(interior, SHIFT_MM, atol=1.0)
