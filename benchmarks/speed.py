@@ -47,7 +47,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -102,24 +101,36 @@ def command(method: str, fixed: Path, moving: Path, outdir: Path, device: str) -
             "--preset", preset, "--device", device]
 
 
-def run_process(argv: list[str], logdir: Path) -> dict[str, Any]:
-    """Run a command to completion: wall seconds, its own peak RSS (MB) and exit code.
+#: Runs a command and writes its wall seconds, exit status and peak RSS as JSON to argv[1].
+#: Linux keeps a process's peak RSS across exec and a forked child starts from its parent's
+#: resident size, so a child forked straight from this benchmark (torch loaded: ~380 MB)
+#: could never report less than that; forked from this small launcher it reports its own.
+LAUNCHER = """
+import json, os, sys, time
+start = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as handle:
+    json.dump({"wall_s": time.perf_counter() - start, "maxrss": usage.ru_maxrss,
+               "returncode": os.waitstatus_to_exitcode(status)}, handle)
+"""
 
-    ``wait4`` reports the resource usage of that child alone (``RUSAGE_CHILDREN`` would be
-    the maximum over every child so far).
-    """
+
+def run_process(argv: list[str], logdir: Path) -> dict[str, Any]:
+    """Run a command to completion: wall seconds, its own peak RSS (MB) and exit code,
+    measured by :data:`LAUNCHER` (``wait4`` on the command's process alone)."""
     logdir.mkdir(parents=True, exist_ok=True)
+    report = logdir / "process.json"
     with open(logdir / "stdout.txt", "w") as out, open(logdir / "stderr.txt", "w") as err:
-        start = time.perf_counter()
-        process = subprocess.Popen(argv, stdout=out, stderr=err)
-        _, status, usage = os.wait4(process.pid, 0)
-        wall = time.perf_counter() - start
-    process.returncode = os.waitstatus_to_exitcode(status)
-    peak = usage.ru_maxrss / 2**20 if sys.platform == "darwin" else usage.ru_maxrss / 1024
-    row: dict[str, Any] = {"wall_s": wall, "peak_rss_mb": peak, "returncode": process.returncode}
-    if process.returncode:
+        subprocess.run([sys.executable, "-S", "-c", LAUNCHER, str(report), *argv], stdout=out, stderr=err, check=True)
+    measured = json.loads(report.read_text())
+    peak = measured["maxrss"] / 2**20 if sys.platform == "darwin" else measured["maxrss"] / 1024
+    row: dict[str, Any] = {"wall_s": measured["wall_s"], "peak_rss_mb": peak, "returncode": measured["returncode"]}
+    if measured["returncode"]:
         lines = (logdir / "stderr.txt").read_text().strip().splitlines()
-        row["error"] = lines[-1] if lines else f"exit code {process.returncode}"
+        row["error"] = lines[-1] if lines else f"exit code {measured['returncode']}"
     return row
 
 
