@@ -68,12 +68,12 @@ class RegistrationConfig:
     loss: str = _option("lncc", "image similarity term (mi, nmi: Parzen-window mutual information, normalised MI, for different contrasts)", ("lncc", "ncc", "mae", "mse", "mi", "nmi"))
     lncc_window: int = _option(9, "window width in voxels of the local NCC loss", allowed=Allowed(3, odd=True))
     regularization: float = _option(1.0, "weight of the diffusion penalty on the field (0 = none)", allowed=NON_NEGATIVE)
-    bending: float = _option(0.0, "weight of the bending-energy penalty on the field, beside diffusion (0 = none)",
-                             allowed=NON_NEGATIVE)
+    bending: float = _option(8.0, "weight of the bending-energy penalty (squared second derivatives) on the field, "
+                                  "beside diffusion (0 = none)", allowed=NON_NEGATIVE)
     field: str = _option("svf", "what is optimised: displacement, or svf (stationary velocity, diffeomorphic)", ("svf", "displacement"))
     field_resolution: float = _option(0.25, "field grid resolution as a fraction of the image's (0 < r <= 1)", allowed=Allowed(0, 1, low_open=True))
     integration_steps: int = _option(7, "scaling-and-squaring steps for svf", allowed=AT_LEAST_ONE)
-    z_mode: str = _option("perturbed", "network input noise: fixed, fresh every iteration, or fixed + fresh perturbation", ("perturbed", "fixed", "fresh"))
+    z_mode: str = _option("fixed", "network input noise: fixed, fresh every iteration, or fixed + fresh perturbation", ("fixed", "perturbed", "fresh"))
     z_std: float = _option(0.1, "standard deviation of the input noise z", allowed=POSITIVE)
     z_perturbation: float = _option(0.05, "standard deviation of the per-iteration perturbation (z_mode perturbed)", allowed=NON_NEGATIVE)
     input_channels: int = _option(32, "channels of the input noise z", allowed=AT_LEAST_ONE)
@@ -140,13 +140,13 @@ DEFAULT_PRESETS = {"dip": "default", "classic": "classic"}
 PRESETS: dict[str, dict] = {
     "default": {},
     "paper": dict(
-        loss="mae", regularization=0.0, field="displacement", field_resolution=1.0,
+        loss="mae", regularization=0.0, bending=0.0, field="displacement", field_resolution=1.0,
         z_mode="fresh", channels=128, levels=5, skip_channels=4, input_channels=32, affine=False, pyramid_levels=1,
         max_loss_voxels=0,
         learning_rate=1e-2, iterations=500, patience=0,
     ),
     "fast": dict(iterations=150, channels=16, patience=30),
-    "classic": dict(method="classic", learning_rate=5e-2, regularization=1.0),
+    "classic": dict(method="classic", learning_rate=5e-2, regularization=1.0, bending=0.0),
 }
 
 
