@@ -1,6 +1,7 @@
 """The accuracy-smoothness front: dipreg against Greedy, ANTs SyN and SyNCC.
 
-Each method is swept over its own regularisation (dipreg: λ; Greedy: its ``-s`` smoothing of
+Each method is swept over its own regularisation (dipreg: the bending-energy weight, or λ of the
+diffusion penalty; Greedy: its ``-s`` smoothing of
 the update and of the warp; ANTs: SyN's ``flow_sigma`` / ``total_sigma``), every point is scored
 by dipreg's own code (one displacement field on the fixed grid per method, then
 :func:`dipreg.evaluation.score_pair` and the metrics of
@@ -10,8 +11,8 @@ points that no other of its points beats on both axes.
 
     python benchmarks/front.py                                   # everything (days on 2 cores)
     python benchmarks/front.py --datasets knownwarp2d-ants --methods greedy ants-syn
-    python benchmarks/front.py --datasets lpba40 --max-pairs 2 --methods dip --lambdas 1 2 4
-    python benchmarks/front.py --datasets lpba40 --max-pairs 1 --methods dip-bending --settings bending=8
+    python benchmarks/front.py --datasets lpba40 --max-pairs 2 --methods dip --defaults-only
+    python benchmarks/front.py --datasets lpba40 --max-pairs 1 --methods dip-diffusion --lambdas 1 2
     python benchmarks/front.py --report-only                     # plots and docs/front.md from the JSON
 
 Resumable: every finished (point, pair) is merged at once into
@@ -81,6 +82,7 @@ def write_pairs(folder: Path, pairs: Iterable[tuple[str, dict]]) -> Path:
     rows = []
     for name, pair in pairs:
         row = {"id": name}
+        (folder / name).mkdir(parents=True, exist_ok=True)
         for key, column in columns.items():
             if key in pair:
                 write_image(pair[key], folder / name / f"{column}.nii.gz")
@@ -132,17 +134,6 @@ def dipreg_runner(preset: str, **options: Any) -> Runner:
         return run_method("classic" if preset == "classic" else "dip", fixed, moving, preset,
                           threads=threads, **options, **setting)
     return run
-
-
-def run_dip_then_refine(fixed: sitk.Image, moving: sitk.Image, setting: Setting, threads: int) -> RegistrationResult:
-    """dipreg's default, then a free SVF at half the image resolution (the classic preset, no affine)
-    started from it (its ``initial_transform``; the fields compose exactly), with the setting's λ."""
-    start = time.perf_counter()
-    first = run_method("dip", fixed, moving, threads=threads)
-    result = run_method("classic", fixed, moving, "classic", initial_transform=first.transform, affine=False,
-                        field_resolution=0.5, threads=threads, **setting)
-    result.metrics["seconds"] = time.perf_counter() - start
-    return result
 
 
 def run_greedy(fixed: sitk.Image, moving: sitk.Image, setting: Setting, threads: int) -> RegistrationResult:
@@ -241,23 +232,28 @@ ANTS_DEFAULT = {"flow_sigma": 3.0, "total_sigma": 0.0}
 ANTS_SWEEP = tuple({"flow_sigma": f, "total_sigma": 0.0} for f in (1.5, 3.0, 4.5, 6.0)) + tuple(
     {"flow_sigma": 3.0, "total_sigma": t} for t in (1.0, 2.0))
 
+BENDING = (4.0, 8.0, 16.0, 32.0, 64.0)
+#: The default's two weights scaled together: (λ, bending) = s (1, 8).
+STRENGTHS = (0.5, 1.0, 2.0, 4.0)
+
 METHODS: dict[str, Method] = {
-    "dip": Method(dipreg_runner("default"), tuple({"regularization": v} for v in LAMBDAS), {"regularization": 1.0},
-                  "dipreg default preset, λ swept", lambdas=True),
+    "dip": Method(dipreg_runner("default"), tuple({"regularization": s, "bending": 8 * s} for s in STRENGTHS),
+                  {"regularization": 1.0, "bending": 8.0},
+                  "dipreg default preset (fixed noise input, diffusion λ plus bending energy), both weights scaled "
+                  "together"),
+    # Ablations of the default (issue 16, part 2): no default, measured against "dip".
+    "dip-bending": Method(dipreg_runner("default", regularization=0.0), tuple({"bending": w} for w in BENDING), None,
+                          "dipreg default with bending energy alone (no diffusion), its weight swept"),
+    "dip-diffusion": Method(dipreg_runner("default", bending=0.0), tuple({"regularization": v} for v in LAMBDAS), None,
+                            "dipreg default with diffusion alone (no bending energy), λ swept", lambdas=True),
+    "dip-perturbed": Method(dipreg_runner("default", z_mode="perturbed", bending=0.0),
+                            tuple({"regularization": v} for v in LAMBDAS), None,
+                            "the previous default: noise input perturbed every iteration, diffusion penalty, λ swept",
+                            lambdas=True),
     "classic": Method(dipreg_runner("classic"), tuple({"regularization": v} for v in LAMBDAS), {"regularization": 1.0},
-                      "dipreg classic preset (free SVF), λ swept", lambdas=True),
-    # Candidate changes to dipreg (issue 16, part 2): no default, measured against "dip".
-    "dip-bending": Method(dipreg_runner("default", regularization=0.0), tuple({"bending": w} for w in (8.0, 32.0, 128.0)),
-                          None, "dipreg default with bending energy instead of diffusion, its weight swept"),
-    "dip-long": Method(dipreg_runner("default", iterations=1000, patience=0), tuple({"regularization": v} for v in LAMBDAS),
-                       None, "dipreg default run for 1000 iterations without early stopping, λ swept", lambdas=True),
-    "dip-w5": Method(dipreg_runner("default", lncc_window=5), tuple({"regularization": v} for v in LAMBDAS), None,
-                     "dipreg default with a 5-voxel LNCC window, λ swept", lambdas=True),
-    "dip-lr3x": Method(dipreg_runner("default", learning_rate=1.5e-2), tuple({"regularization": v} for v in LAMBDAS),
-                       None, "dipreg default with a 3x larger learning rate, λ swept", lambdas=True),
-    "dip+refine": Method(run_dip_then_refine, tuple({"regularization": v} for v in LAMBDAS), None,
-                         "dipreg default, then a free half-resolution SVF from it (classic, no affine), its λ swept",
-                         lambdas=True),
+                      "dipreg classic preset (free SVF, diffusion), λ swept", lambdas=True),
+    "classic-bending": Method(dipreg_runner("classic", regularization=0.0), tuple({"bending": w} for w in (2.0, 8.0, 32.0)),
+                              None, "dipreg classic preset with bending energy instead of diffusion, its weight swept"),
     "greedy": Method(run_greedy, tuple({k: round(v * s, 4) for k, v in GREEDY_DEFAULT.items()}
                                        for s in (0.75, 1.0, 1.5, 2.0, 3.0)), GREEDY_DEFAULT,
                      "Greedy NCC 2, affine first; -s sigmas (vox) swept by a common factor"),
