@@ -233,12 +233,12 @@ ANTS_SWEEP = tuple({"flow_sigma": f, "total_sigma": 0.0} for f in (1.5, 3.0, 4.5
     {"flow_sigma": 3.0, "total_sigma": t} for t in (1.0, 2.0))
 
 BENDING = (4.0, 8.0, 16.0, 32.0, 64.0)
-#: The default's two weights scaled together: (λ, bending) = s (1, 8).
-STRENGTHS = (0.5, 1.0, 2.0, 4.0)
+#: The default's two weights scaled together: (λ, bending) = s (0.5, 4).
+STRENGTHS = (0.5, 1.0, 2.0, 4.0, 8.0)
 
 METHODS: dict[str, Method] = {
-    "dip": Method(dipreg_runner("default"), tuple({"regularization": s, "bending": 8 * s} for s in STRENGTHS),
-                  {"regularization": 1.0, "bending": 8.0},
+    "dip": Method(dipreg_runner("default"), tuple({"regularization": s / 2, "bending": 4 * s} for s in STRENGTHS),
+                  {"regularization": 0.5, "bending": 4.0},
                   "dipreg default preset (fixed noise input, diffusion λ plus bending energy), both weights scaled "
                   "together"),
     # Ablations of the default (issue 16, part 2): no default, measured against "dip".

@@ -67,8 +67,8 @@ class RegistrationConfig:
     method: str = _option("dip", "field parameterisation: dip (network prior) or classic (free field)", ("dip", "classic"))
     loss: str = _option("lncc", "image similarity term (mi, nmi: Parzen-window mutual information, normalised MI, for different contrasts)", ("lncc", "ncc", "mae", "mse", "mi", "nmi"))
     lncc_window: int = _option(9, "window width in voxels of the local NCC loss", allowed=Allowed(3, odd=True))
-    regularization: float = _option(1.0, "weight of the diffusion penalty on the field (0 = none)", allowed=NON_NEGATIVE)
-    bending: float = _option(8.0, "weight of the bending-energy penalty (squared second derivatives) on the field, "
+    regularization: float = _option(0.5, "weight of the diffusion penalty on the field (0 = none)", allowed=NON_NEGATIVE)
+    bending: float = _option(4.0, "weight of the bending-energy penalty (squared second derivatives) on the field, "
                                   "beside diffusion (0 = none)", allowed=NON_NEGATIVE)
     field: str = _option("svf", "what is optimised: displacement, or svf (stationary velocity, diffeomorphic)", ("svf", "displacement"))
     field_resolution: float = _option(0.25, "field grid resolution as a fraction of the image's (0 < r <= 1)", allowed=Allowed(0, 1, low_open=True))
