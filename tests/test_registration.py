@@ -252,7 +252,7 @@ def test_saved_field_is_rounded_as_documented(dtype: str, shift_run: dict, tmp_p
     """float32 rounds each component to nearest: by at most 2^-24 of its magnitude; float64 is exact."""
     result = shift_run["result"]
     field = sitk.ReadImage(str(result.save(tmp_path / "out", field_dtype=dtype) / "displacement.nii.gz"))
-    assert field.GetPixelID() == FIELD_DTYPES[dtype]
+    assert field.GetPixelID() == getattr(sitk, FIELD_DTYPES[dtype])
     exact = result.displacement_array
     assert exact.dtype == np.float64
     error = np.abs(sitk.GetArrayFromImage(field).astype(np.float64) - exact)

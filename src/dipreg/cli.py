@@ -14,18 +14,7 @@ from pathlib import Path
 
 from dipreg import __version__
 from dipreg.errors import DipregError
-from dipreg.images import (
-    INTERPOLATORS,
-    label_map_on,
-    read_displacement,
-    read_image,
-    read_image_information,
-    read_labels,
-    resample_to_reference,
-    write_image,
-)
-from dipreg.landmarks import read_landmarks, write_points
-from dipreg.options import METHODS, PRESETS, RegistrationConfig, make_config
+from dipreg.options import INTERPOLATORS, METHODS, PRESETS, RegistrationConfig, make_config
 from dipreg.outputs import FIELD_DTYPES, check_output_directory
 
 SUMMARY_KEYS = ("ssim", "ncc", "folding_percent", "sdlogj", "jacobian_mean", "iterations", "seconds")
@@ -252,6 +241,9 @@ def _run_registration(fixed, moving, args: argparse.Namespace) -> int:
     landmark_paths = (getattr(args, "fixed_landmarks", None), getattr(args, "moving_landmarks", None))
     if any(landmark_paths) and not all(landmark_paths):
         raise DipregError("give both --fixed-landmarks and --moving-landmarks, or neither")
+    from dipreg.images import label_map_on, read_image_information, read_labels
+    from dipreg.landmarks import read_landmarks
+
     # Everything that can be checked from options, headers and the file system, before
     # PyTorch is imported and any voxel is read.
     make_config(args.preset, **registration_options(args))
@@ -279,6 +271,7 @@ def _run_registration(fixed, moving, args: argparse.Namespace) -> int:
 
 
 def _run_apply(args: argparse.Namespace) -> int:
+    from dipreg.images import read_displacement, read_image, read_labels, resample_to_reference, write_image
     from dipreg.transforms import displacement_transform
 
     check_output_directory(args.output.parent)
@@ -305,6 +298,7 @@ def _write_atomically(output: Path, write) -> None:
 
 
 def _run_invert(args: argparse.Namespace) -> int:
+    from dipreg.images import read_displacement, read_image, write_image
     from dipreg.transforms import Grid, invert_displacement
 
     check_output_directory(args.output.parent)
@@ -320,6 +314,8 @@ def _run_invert(args: argparse.Namespace) -> int:
 
 
 def _run_transform_points(args: argparse.Namespace) -> int:
+    from dipreg.images import read_displacement
+    from dipreg.landmarks import read_landmarks, write_points
     from dipreg.transforms import displacement_transform
 
     check_output_directory(args.output.parent)

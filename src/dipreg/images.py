@@ -18,6 +18,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from dipreg.errors import DipregError
+from dipreg.options import INTERPOLATORS
 
 ImageLike = Union[str, os.PathLike, sitk.Image, np.ndarray]
 
@@ -323,7 +324,6 @@ def check_compatible(fixed: sitk.Image, moving: sitk.Image, fixed_name: str, mov
 #: Interpolation choices of the API, ``apply`` and ``evaluate``. ``label`` is SimpleITK's
 #: label-linear interpolation (ANTs' ``genericLabel``): each label's indicator is interpolated
 #: linearly and the most likely label wins, so borders stay smooth and no new labels appear.
-INTERPOLATORS = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor, "label": sitk.sitkLabelLinear}
 
 
 def resample_to_reference(
@@ -343,7 +343,8 @@ def resample_to_reference(
     if interpolation not in INTERPOLATORS:
         raise DipregError(f"interpolation {interpolation!r}: choose from {', '.join(INTERPOLATORS)}")
     transform = transform or sitk.Transform(reference.GetDimension(), sitk.sitkIdentity)
-    return sitk.Resample(image, reference, transform, INTERPOLATORS[interpolation], default_value, image.GetPixelID())
+    return sitk.Resample(image, reference, transform, getattr(sitk, INTERPOLATORS[interpolation]), default_value,
+                         image.GetPixelID())
 
 
 def resample_to_fixed(moving: sitk.Image, fixed: sitk.Image, transform: sitk.Transform | None = None) -> sitk.Image:

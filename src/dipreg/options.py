@@ -129,6 +129,11 @@ class RegistrationConfig:
                               "(its joint histogram would mix the members); use lncc or ncc")
 
 
+#: Interpolation of ``apply --interpolation`` and of warped label maps: name -> SimpleITK
+#: interpolator (by attribute name, so that the command line does not import SimpleITK).
+#: ``label`` is SimpleITK's label-linear (ANTs' genericLabel).
+INTERPOLATORS = {"linear": "sitkLinear", "nearest": "sitkNearestNeighbor", "label": "sitkLabelLinear"}
+
 #: Methods known to :func:`dipreg.baselines.run_method` (and ``dipreg evaluate --method``).
 METHODS = ("dip", "classic", "itk", "ants", "identity")
 

@@ -11,13 +11,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import SimpleITK as sitk
-
 from dipreg.errors import DipregError
 
 #: ``--field-dtype``: pixel type of the written displacement field. float32 (what ANTs and ITK
 #: tools write) rounds each component by at most 2^-24 of its magnitude: 6e-6 mm at 100 mm.
-FIELD_DTYPES = {"float32": sitk.sitkVectorFloat32, "float64": sitk.sitkVectorFloat64}
+#: SimpleITK pixel types by attribute name, so that the command line does not import SimpleITK.
+FIELD_DTYPES = {"float32": "sitkVectorFloat32", "float64": "sitkVectorFloat64"}
 
 
 def current_umask() -> int:

@@ -184,9 +184,9 @@ class RegistrationResult:
         staging = make_staging_directory(outdir)
         try:
             write_image(self.warped, staging / "warped.nii.gz")
-            write_image(sitk.Cast(self.displacement, FIELD_DTYPES[field_dtype]), staging / "displacement.nii.gz")
-            write_image(sitk.Cast(self.inverse_displacement, FIELD_DTYPES[field_dtype]),
-                        staging / "inverse_displacement.nii.gz")
+            field_type = getattr(sitk, FIELD_DTYPES[field_dtype])
+            write_image(sitk.Cast(self.displacement, field_type), staging / "displacement.nii.gz")
+            write_image(sitk.Cast(self.inverse_displacement, field_type), staging / "inverse_displacement.nii.gz")
             sitk.WriteTransform(self.field_transform.linear_transform(), str(staging / "affine.mat"))
             write_image(self.jacobian, staging / "jacobian.nii.gz")
             if self.uncertainty is not None:
