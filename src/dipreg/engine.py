@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from dipreg.adam import Adam
 from dipreg.errors import DipregError
 from dipreg.initialisation import rotation_from_parameters
 from dipreg.losses import bending_energy, diffusion, similarity_loss
@@ -179,7 +180,7 @@ class _Stopper:
 class EagerStep:
     """One optimisation step: clear the gradients, then ``body`` (loss, backward, Adam step)."""
 
-    def __init__(self, body: Callable[[], torch.Tensor], optimizer: torch.optim.Optimizer):
+    def __init__(self, body: Callable[[], torch.Tensor], optimizer: Adam):
         self.body, self.optimizer = body, optimizer
 
     def __call__(self) -> torch.Tensor:
@@ -196,7 +197,7 @@ class CudaGraphStep(EagerStep):
     returns a copy of the step's loss (the captured output is overwritten by the next replay).
     """
 
-    def __init__(self, body: Callable[[], torch.Tensor], optimizer: torch.optim.Optimizer, warmup: int = 3):
+    def __init__(self, body: Callable[[], torch.Tensor], optimizer: Adam, warmup: int = 3):
         super().__init__(body, optimizer)
         self.warmup = warmup
         self.calls = 0
@@ -394,8 +395,8 @@ def align_affine(fixed: torch.Tensor, moving: torch.Tensor, config: "Registratio
 
         def current_matrix() -> torch.Tensor:
             return matrix
-    optimizer = torch.optim.Adam([{"params": linear, "lr": config.affine_learning_rate / 4},
-                                  {"params": [translation], "lr": config.affine_learning_rate}])
+    optimizer = Adam([{"params": linear, "lr": config.affine_learning_rate / 4},
+                      {"params": [translation], "lr": config.affine_learning_rate}], lr=config.affine_learning_rate)
     history: list[float] = []
     iterations = max(1, config.affine_iterations // len(shapes))
     for shape in shapes:
@@ -502,9 +503,8 @@ def _optimise(fixed: torch.Tensor, moving: torch.Tensor, grid: Grid, config: Reg
                                                             device=device), coarse_spacing, coarse_shape, device,
                                     matrix, translation)
     use_graphs = config.cuda_graphs and device.type == "cuda"
-    # foreach: one batched update of the network's ~100 small tensors instead of a loop over
-    # them (the CPU default); the same arithmetic.
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, capturable=use_graphs, foreach=True)
+    # One batched (foreach) update of the network's ~100 small tensors; capturable in a CUDA graph.
+    optimizer = Adam(model.parameters(), lr=config.learning_rate)
 
     stop_reason = "maximum iterations reached"
     levels = pyramid_shapes(shape, config.pyramid_levels, max_voxels=config.max_loss_voxels)
