@@ -1,4 +1,4 @@
-"""The engine's hand-written Adam takes the same steps as ``torch.optim.Adam``."""
+"""The engine's Adam (the fused kernel called without torch.optim) takes the same steps as ``torch.optim.Adam``."""
 
 from __future__ import annotations
 

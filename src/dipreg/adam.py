@@ -1,10 +1,11 @@
-"""Adam, written out: the update of ``torch.optim.Adam`` in a few batched (foreach) operations.
+"""Adam without ``torch.optim``: the update of ``torch.optim.Adam(fused=True)``, by its kernel.
 
 ``torch.optim.Adam`` imports ``torch._dynamo`` the first time one is built, about 3.4 s of a
 2D registration's start-up on a 2-core CPU (more than ANTs SyN's whole registration). This
-is the same arithmetic (Kingma & Ba's bias-corrected moments, no weight decay, no amsgrad)
-without that import. The step count is a tensor on the parameters' device, so a step can
-be captured in a CUDA graph and replayed.
+calls the same fused kernel (``aten::_fused_adam_``: Kingma & Ba's bias-corrected moments, no
+weight decay, no amsgrad) without that import: one operation per step for all of a network's
+~100 tensors (1.4 ms on the CPU, against 4.6 ms for ``torch.optim.Adam``'s foreach loop). The
+step count is a tensor on the parameters' device, so a step can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class Adam:
         self.param_groups = [{**group, "params": list(group["params"]), "lr": group.get("lr", lr)} for group in groups]
         self.betas, self.eps = betas, eps
         first = self.param_groups[0]["params"][0]
-        self.steps = torch.zeros((), dtype=torch.float64, device=first.device)
+        self.steps = torch.zeros((), device=first.device)
         self.exp_avg = [[torch.zeros_like(p) for p in group["params"]] for group in self.param_groups]
         self.exp_avg_sq = [[torch.zeros_like(p) for p in group["params"]] for group in self.param_groups]
 
@@ -49,25 +50,12 @@ class Adam:
     @torch.no_grad()
     def step(self) -> None:
         """One Adam update of every parameter that has a gradient."""
-        beta1, beta2 = self.betas
         self.steps += 1
-        # 1 / (1 - beta1^t) and 1 / sqrt(1 - beta2^t) in float64, as tensors (no host read in a CUDA graph)
-        step_scale = 1.0 / (1.0 - torch.pow(beta1, self.steps))
-        second_scale = torch.rsqrt(1.0 - torch.pow(beta2, self.steps))
         for group, exp_avg, exp_avg_sq in zip(self.param_groups, self.exp_avg, self.exp_avg_sq):
             live = [k for k, p in enumerate(group["params"]) if p.grad is not None]
-            if not live:
-                continue
-            params = [group["params"][k] for k in live]
-            grads = [params[i].grad for i in range(len(live))]
-            m = [exp_avg[k] for k in live]
-            v = [exp_avg_sq[k] for k in live]
-            torch._foreach_lerp_(m, grads, 1.0 - beta1)
-            torch._foreach_mul_(v, beta2)
-            torch._foreach_addcmul_(v, grads, grads, 1.0 - beta2)
-            denominator = torch._foreach_sqrt(v)
-            torch._foreach_mul_(denominator, second_scale.to(params[0].dtype))
-            torch._foreach_add_(denominator, self.eps)
-            update = torch._foreach_div(m, denominator)
-            torch._foreach_mul_(update, (-group["lr"] * step_scale).to(params[0].dtype))
-            torch._foreach_add_(params, update)
+            if live:
+                params = [group["params"][k] for k in live]
+                torch._fused_adam_(params, [p.grad for p in params], [exp_avg[k] for k in live],
+                                   [exp_avg_sq[k] for k in live], [], [self.steps] * len(live), lr=group["lr"],
+                                   beta1=self.betas[0], beta2=self.betas[1], weight_decay=0.0, eps=self.eps,
+                                   amsgrad=False, maximize=False)

@@ -503,7 +503,7 @@ def _optimise(fixed: torch.Tensor, moving: torch.Tensor, grid: Grid, config: Reg
                                                             device=device), coarse_spacing, coarse_shape, device,
                                     matrix, translation)
     use_graphs = config.cuda_graphs and device.type == "cuda"
-    # One batched (foreach) update of the network's ~100 small tensors; capturable in a CUDA graph.
+    # One fused update of the network's ~100 small tensors; capturable in a CUDA graph.
     optimizer = Adam(model.parameters(), lr=config.learning_rate)
 
     stop_reason = "maximum iterations reached"
