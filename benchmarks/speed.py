@@ -18,11 +18,11 @@ and the child's own peak RSS (``wait4`` resource usage of that process). Accurac
 afterwards, outside the timing, from each method's displacement field by the same code
 (``result_from_displacement``: SSIM, folding %, SDlogJ; Dice where the pair has labels). The
 inputs are first written once as NIfTI by ``dipreg.registration.load_pair`` (channel selection
-included), so every tool reads identical files. All get the same thread count (``OMP_NUM_THREADS``
-and ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS``; Greedy ``-threads`` from the former); on a machine
-shared with other jobs use ``--threads 1``: torch's OpenMP threads wait for each other by
-spinning, and with the cores busy an iteration took up to 55 times longer with two threads than
-with one.
+included), so every tool reads identical files. All get the same thread limit (``OMP_NUM_THREADS``
+and ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS``; Greedy ``-threads`` from the former), within which
+dipreg makes its own automatic choice (one thread for images under 2^20 voxels,
+``dipreg.engine.ONE_THREAD_BELOW_VOXELS``); on a machine shared with other jobs use
+``--threads 1``.
 
 Writes ``benchmarks/results/speed-<host>.json`` and prints medians and the ratios of every
 method's times to each reference's (dipreg/ANTs, dipreg/Greedy; the references to each other).

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dipreg.engine import cpu_threads, make_config, pyramid_shapes
+from dipreg.engine import ONE_THREAD_BELOW_VOXELS, cpu_threads, make_config, optimisation_threads, pyramid_shapes
 
 
 @pytest.mark.parametrize("shape, expected", [
@@ -34,6 +34,28 @@ def test_cpu_threads_sets_and_restores() -> None:
     assert torch.get_num_threads() == before
     with cpu_threads(0):
         assert torch.get_num_threads() == before
+
+
+def test_automatic_threads_are_one_for_small_images_and_the_process_setting_for_large() -> None:
+    assert optimisation_threads(0, (256, 256)) == 1
+    assert optimisation_threads(0, (160, 192, 144)) == 0       # 4.4 M voxels: left to the process
+    assert optimisation_threads(0, (1024, 1023)) == 1
+    assert optimisation_threads(0, (1024, 1024)) == 0           # exactly the bound: all cores
+    assert optimisation_threads(3, (64, 64)) == 3               # an explicit count is kept
+    assert ONE_THREAD_BELOW_VOXELS == 1024 * 1024
+
+
+def test_a_small_registration_runs_on_one_thread_and_restores_the_setting(brain_slice) -> None:
+    import dipreg
+
+    seen: list[int] = []
+    before = torch.get_num_threads()
+    with cpu_threads(2):
+        dipreg.register(brain_slice, brain_slice, iterations=12, affine_iterations=2, progress=False,
+                        callback=lambda iteration, loss: seen.append(torch.get_num_threads()))
+        assert torch.get_num_threads() == 2
+    assert seen and set(seen) == {1}
+    assert torch.get_num_threads() == before
 
 
 @pytest.mark.parametrize("given, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
