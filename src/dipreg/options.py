@@ -91,7 +91,7 @@ class RegistrationConfig:
     mi_bins: int = _option(32, "histogram bins of the mi and nmi losses (each image binned over its own range)", allowed=Allowed(8))
     pyramid_levels: int = _option(2, "coarse-to-fine image levels of the deformable stage (halving per level)", allowed=AT_LEAST_ONE)
     max_loss_voxels: int = _option(128**3, "finest image level used by the loss has at most this many voxels (0 = full resolution; default 128^3, so a 1 mm 256^3 volume is matched at 2 mm)", allowed=Allowed(16**2, also=0))
-    iterations: int = _option(400, "maximum Adam iterations of the deformable stage (split over the pyramid levels)", allowed=AT_LEAST_ONE)
+    iterations: int = _option(300, "maximum Adam iterations of the deformable stage (split over the pyramid levels)", allowed=AT_LEAST_ONE)
     learning_rate: float = _option(5e-3, "Adam learning rate", allowed=POSITIVE)
     patience: int = _option(100, "stop when the smoothed loss has not improved for this many iterations (0 = never)", allowed=NON_NEGATIVE)
     seed: int = _option(0, "random seed (network weights and noise)", allowed=NON_NEGATIVE)
