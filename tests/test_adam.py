@@ -17,7 +17,7 @@ def run(optimizer_cls, groups_of, steps: int = 60, halve_at: int = 30) -> list[t
     params = [torch.randn(5, requires_grad=True), torch.randn(3, requires_grad=True)]
     optimizer = optimizer_cls(groups_of(params), lr=0.05)
     for step in range(steps):
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad()
         rosenbrock_like(params).backward()
         optimizer.step()
         if step == halve_at:

@@ -4,8 +4,9 @@
 2D registration's start-up on a 2-core CPU (more than ANTs SyN's whole registration). This
 calls the same fused kernel (``aten::_fused_adam_``: Kingma & Ba's bias-corrected moments, no
 weight decay, no amsgrad) without that import: one operation per step for all of a network's
-~100 tensors (1.4 ms on the CPU, against 4.6 ms for ``torch.optim.Adam``'s foreach loop). The
-step count is a tensor on the parameters' device, so a step can be captured in a CUDA graph.
+~100 tensors (0.4 ms a step on one CPU thread, against 4.9 ms for ``torch.optim.Adam``'s foreach
+loop). The step count is a tensor on the parameters' device, so a step can be captured in a CUDA
+graph.
 """
 
 from __future__ import annotations
@@ -38,14 +39,11 @@ class Adam:
         self.exp_avg = [[torch.zeros_like(p) for p in group["params"]] for group in self.param_groups]
         self.exp_avg_sq = [[torch.zeros_like(p) for p in group["params"]] for group in self.param_groups]
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Drop the gradients (``set_to_none=False``: zero them in place)."""
+    def zero_grad(self) -> None:
+        """Drop the gradients (set them to None; the next backward allocates them afresh)."""
         for group in self.param_groups:
             for p in group["params"]:
-                if set_to_none:
-                    p.grad = None
-                elif p.grad is not None:
-                    p.grad.zero_()
+                p.grad = None
 
     @torch.no_grad()
     def step(self) -> None:

@@ -200,7 +200,7 @@ class EagerStep:
         self.body, self.optimizer = body, optimizer
 
     def __call__(self) -> torch.Tensor:
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad()
         return self.body()
 
 
@@ -232,7 +232,7 @@ class CudaGraphStep(EagerStep):
         if self.graph is None:
             self.graph = torch.cuda.CUDAGraph()
             # Gradients set to None: backward allocates them from the graph's own memory pool.
-            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer.zero_grad()
             try:
                 with torch.cuda.graph(self.graph):
                     self.loss = self.body()
@@ -420,7 +420,7 @@ def align_affine(fixed: torch.Tensor, moving: torch.Tensor, config: "Registratio
         stopper = _Stopper(patience=30)
         best = (math.inf, linear[0].detach().clone(), translation.detach().clone())
         for iteration in tqdm(range(iterations), disable=not progress, desc=f"affine {shape}", unit="it", leave=False):
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad()
             loss = level_loss(current_matrix(), translation, level)
             value = float(loss.detach())
             history.append(value)
