@@ -104,21 +104,25 @@ def cached_pairs(name: str, make: Callable[[], Iterable[tuple[str, dict]]]) -> P
 
 @dataclass(frozen=True)
 class Dataset:
-    """Where a data set's PAIRS.csv comes from and what scores its accuracy."""
+    """Where a data set's PAIRS.csv comes from, what scores its accuracy, and how many of its
+    pairs the fronts use unless ``--max-pairs`` says otherwise (None: all). Every point of a
+    front is the mean over the same pairs, so a method run on more pairs than its peers adds
+    nothing to the report."""
 
     pairs_csv: Callable[[], Path]
     scores: tuple[str, ...]
     channel: int | None = None
+    front_pairs: int | None = None
 
 
 DATASETS: dict[str, Dataset] = {
-    "knownwarp2d-ants": Dataset(lambda: knownwarp2d_csv(WORK), ("epe_mm",)),
+    "knownwarp2d-ants": Dataset(lambda: knownwarp2d_csv(WORK), ("epe_mm",), front_pairs=3),
     "knownwarp2d-mni": Dataset(lambda: cached_pairs("knownwarp2d-mni", lambda: knownwarp2d_pairs(6)),
                                ("epe_mm", "dice_mean")),
     "knownwarp3d": Dataset(lambda: cached_pairs("knownwarp3d", lambda: knownwarp3d_pairs(4)), ("epe_mm", "dice_mean")),
     "lpba40": Dataset(lambda: DATA / "lpba40" / "pairs.csv", ("dice_mean",)),
     "oasis3d": Dataset(oasis3d_csv, ("dice_mean",)),
-    "lgg2d": Dataset(lambda: DATA / "lgg2d" / "pairs.csv", ("ssim", "ncc"), channel=1),
+    "lgg2d": Dataset(lambda: DATA / "lgg2d" / "pairs.csv", ("ssim", "ncc"), channel=1, front_pairs=4),
 }
 
 #: Direction and axis label of each accuracy measure.
@@ -297,7 +301,7 @@ def run_dataset(dataset: str, methods: list[str], max_pairs: int | None, lambdas
                 threads: int, defaults_only: bool, settings: list[str] | None = None) -> None:
     """Run every missing (point, pair) of a data set, merging each into its JSON as it finishes."""
     spec = DATASETS[dataset]
-    pairs = read_pairs(spec.pairs_csv())[:max_pairs]
+    pairs = read_pairs(spec.pairs_csv())[:max_pairs or spec.front_pairs]
     path = RESULTS / f"front-{dataset}.json"
     for method in methods:
         entry = METHODS[method]
@@ -498,7 +502,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--max-pairs", type=int, default=None, help="only the first N pairs of each data set")
+    parser.add_argument("--max-pairs", type=int, default=None, help="only the first N pairs of each data set (default: the pairs its fronts use: "
+                             + ", ".join(f"{name} {spec.front_pairs}" for name, spec in DATASETS.items()
+                                         if spec.front_pairs) + ", all of the others)")
     parser.add_argument("--lambdas", nargs="+", type=float, default=None, help="λ values of the dipreg methods")
     parser.add_argument("--defaults-only", action="store_true", help="only each method's default point")
     parser.add_argument("--settings", nargs="+", default=None,
