@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("--policies", nargs="+", default=["PASSIVE", "ACTIVE"],
                         help="wait policies, or NAME=VALUE[,NAME=VALUE] environment settings")
     parser.add_argument("--threads", nargs="+", type=int, default=[0],
-                        help="--threads of each run (0: one per core, dipreg's default)")
+                        help="--threads of each run (0: dipreg's automatic choice, its default)")
     parser.add_argument("-o", "--output", type=Path, default=RESULTS / f"contention-{platform.node() or 'host'}.json")
     args = parser.parse_args()
     load_before = os.getloadavg()
