@@ -49,12 +49,25 @@ def test_absurd_volume_is_refused_by_default_available_memory() -> None:
     ("default", {}), ("default", {"channels": 128}), ("default", {"input_channels": 64, "channels": 8}),
     ("default", {"levels": 8, "skip_channels": 16, "integration_steps": 12}), ("default", {"max_loss_voxels": 0}),
     ("paper", {}), ("classic", {}), ("default", {"loss": "mi", "mi_bins": 64}),
+    ("default", {"refine_iterations": 100}), ("default", {"refine_iterations": 100, "refine_resolution": 1.0,
+                                                           "max_loss_voxels": 0, "channels": 8}),
 ])
 def test_quick_bound_is_above_the_traced_estimate(preset: str, options: dict) -> None:
     config = make_config(preset, **options)
     for shape in [(12, 12), (64, 64), (1000, 700), (16, 16, 16), (48, 64, 53), (160, 192, 144)]:
         estimate = estimate_peak_memory(shape, config)
         assert estimate <= peak_memory_upper_bound(shape, config) < 8 * estimate, (shape, options)
+
+
+def test_estimate_counts_a_refinement_finer_than_the_network_stage() -> None:
+    """A full-resolution refinement field of a 3D volume behind a small network: the refinement
+    stage (at least its field, gradient and two Adam moments, 16 bytes per component) dominates."""
+    shape = (96, 112, 80)
+    base = make_config(channels=8, max_loss_voxels=0)
+    refined = make_config(channels=8, max_loss_voxels=0, refine_iterations=10, refine_resolution=1.0)
+    assert estimate_peak_memory(shape, refined) - estimate_peak_memory(shape, base) > 16 * 3 * 96 * 112 * 80
+    assert estimate_peak_memory(shape, make_config(refine_iterations=0, refine_resolution=1.0)) == \
+        estimate_peak_memory(shape, make_config())
 
 
 def test_estimate_counts_the_mutual_information_histogram() -> None:

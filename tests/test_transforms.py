@@ -7,11 +7,13 @@ import pytest
 import SimpleITK as sitk
 import torch
 from helpers import rotation_direction, smooth_noise, with_geometry, world_points
+from scipy import ndimage
 
 from dipreg.transforms import (
     Grid,
     displacement_image,
     displacement_transform,
+    gaussian_smooth,
     identity_grid,
     integrate_velocity,
     jacobian_determinant,
@@ -215,3 +217,21 @@ def test_displacement_transform_leaves_the_field_image_intact() -> None:
     assert field.GetSize() == (6, 5)
     assert np.array_equal(sitk.GetArrayFromImage(field), np.ones((5, 6, 2)))
     assert transform.TransformPoint((1.0, 2.0)) == pytest.approx((2.0, 3.0))
+
+
+@pytest.mark.parametrize("shape, sigma", [((23, 31), 1.0), ((23, 31), 2.5), ((9, 14, 11), 1.5)])
+def test_gaussian_smooth_matches_scipy(shape: tuple[int, ...], sigma: float, rng: np.random.Generator) -> None:
+    """The separable smoothing equals scipy's gaussian_filter with the same truncation (3 sigma)
+    and edge handling (``nearest`` = replicate), channel by channel."""
+    field = rng.standard_normal((1, 2, *shape))
+    smoothed = gaussian_smooth(torch.as_tensor(field, dtype=torch.float64), sigma).numpy()
+    for channel in range(2):
+        expected = ndimage.gaussian_filter(field[0, channel], sigma, mode="nearest", truncate=3.0)
+        np.testing.assert_allclose(smoothed[0, channel], expected, atol=1e-10)
+
+
+def test_gaussian_smooth_keeps_constants_and_zero_sigma_is_the_identity() -> None:
+    field = torch.full((1, 3, 6, 7, 8), 2.5)
+    torch.testing.assert_close(gaussian_smooth(field, 1.7), field)
+    varying = torch.arange(24.0).reshape(1, 1, 4, 6)
+    assert gaussian_smooth(varying, 0.0) is varying

@@ -28,7 +28,7 @@ from dipreg.initialisation import rotation_from_parameters
 from dipreg.losses import bending_energy, diffusion, similarity_loss
 from dipreg.networks import SkipGenerator
 from dipreg.options import PRESETS, RegistrationConfig, make_config  # noqa: F401 (re-exported)
-from dipreg.transforms import Grid, identity_grid, integrate_velocity, resize_field, warp
+from dipreg.transforms import Grid, gaussian_smooth, identity_grid, integrate_velocity, resize_field, warp
 
 ProgressCallback = Callable[[int, float], None]
 
@@ -241,6 +241,44 @@ class CudaGraphStep(EagerStep):
                                   "run with --cuda-graphs false") from exc
         self.graph.replay()
         return self.loss.clone()
+
+
+class _StageProgress:
+    """Runs the stages of the deformable loop: a progress bar per stage, the loss read from
+    the device every :data:`LOSS_READ_INTERVAL` steps, the callback, early stopping, and the
+    losses appended to the history and to the stage's record."""
+
+    def __init__(self, history: list[float], loss_stages: list[dict], callback: ProgressCallback | None,
+                 progress: bool):
+        self.history, self.loss_stages, self.callback, self.progress = history, loss_stages, callback, progress
+        self.iterations = 0
+
+    def run(self, name: str, step: Callable[[], torch.Tensor], count: int, patience: int) -> bool:
+        """Run ``step`` up to ``count`` times; True if it stopped early (no improvement for ``patience``)."""
+        stopper = _Stopper(patience)
+        stage = {"stage": name, "losses": []}
+        self.loss_stages.append(stage)
+        pending: list[torch.Tensor] = []
+        with tqdm(range(count), disable=not self.progress, desc=name, unit="it", leave=False) as bar:
+            for index in bar:
+                pending.append(step())
+                # Reading the loss waits for the device: do it once per LOSS_READ_INTERVAL iterations.
+                if len(pending) < LOSS_READ_INTERVAL and index < count - 1:
+                    continue
+                values = torch.stack(pending).tolist()
+                pending.clear()
+                stopped = False
+                for offset, value in enumerate(values, start=index - len(values) + 1):
+                    self.history.append(value)
+                    stage["losses"].append(value)
+                    self.iterations += 1
+                    if self.callback is not None:
+                        self.callback(self.iterations, value)
+                    stopped = stopper.update(offset, value) or stopped
+                bar.set_postfix(loss=f"{values[-1]:.4f}")
+                if stopped:
+                    return True
+        return False
 
 
 def downsample(image: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -525,16 +563,13 @@ def _optimise(fixed: torch.Tensor, moving: torch.Tensor, grid: Grid, config: Reg
     stop_reason = "maximum iterations reached"
     levels = pyramid_shapes(shape, config.pyramid_levels, max_voxels=config.max_loss_voxels)
     per_level = max(1, config.iterations // len(levels))
-    iteration = 0
+    progress_state = _StageProgress(history, loss_stages, callback, progress)
     for level, level_shape in enumerate(levels):
         fixed_level, moving_level = downsample(fixed, level_shape), downsample(moving, level_shape)
         fixed_mask_level, moving_mask_level = downsample_mask(fixed_mask, level_shape), downsample_mask(moving_mask, level_shape)
         identity_level = identity if level_shape == shape else identity_grid(level_shape, device)
-        stopper = _Stopper(config.patience)
         count = per_level if level < len(levels) - 1 else config.iterations - per_level * (len(levels) - 1)
-        stage = {"stage": f"deformable {'x'.join(map(str, level_shape))}", "losses": []}
-        loss_stages.append(stage)
-        bar = tqdm(range(count), disable=not progress, desc=stage["stage"], unit="it", leave=False)
+
         def loss_step(fixed_level=fixed_level, moving_level=moving_level, identity_level=identity_level,
                       fixed_mask_level=fixed_mask_level, moving_mask_level=moving_mask_level) -> torch.Tensor:
             loss = objective(model(), fixed_level, moving_level, identity_level, fixed_mask_level, moving_mask_level)
@@ -544,30 +579,34 @@ def _optimise(fixed: torch.Tensor, moving: torch.Tensor, grid: Grid, config: Reg
             return loss.detach()
 
         run_step = CudaGraphStep(loss_step, optimizer) if use_graphs else EagerStep(loss_step, optimizer)
-        pending: list[torch.Tensor] = []
-        for step in bar:
-            pending.append(run_step())
-            # Reading the loss waits for the device: do it once per LOSS_READ_INTERVAL iterations.
-            if len(pending) == LOSS_READ_INTERVAL or step == count - 1:
-                values = torch.stack(pending).tolist()
-                pending.clear()
-                first_step = step - len(values) + 1
-                stopped = False
-                for offset, value in enumerate(values):
-                    history.append(value)
-                    stage["losses"].append(value)
-                    iteration += 1
-                    if callback is not None:
-                        callback(iteration, value)
-                    stopped = stopper.update(first_step + offset, value) or stopped
-                bar.set_postfix(loss=f"{values[-1]:.4f}")
-                if stopped:
-                    stop_reason = f"loss stopped improving for {config.patience} iterations"
-                    break
-        bar.close()
+        if progress_state.run(f"deformable {'x'.join(map(str, level_shape))}", run_step, count, config.patience):
+            stop_reason = f"loss stopped improving for {config.patience} iterations"
 
     with torch.no_grad():
         member_fields = model.final_fields()
+    if config.refine_iterations:
+        # A free field on a finer grid added to the network's (fixed) field, fitted at the finest loss level.
+        fine_shape = field_grid_shape(shape, config.refine_resolution)
+        objective = DeformableObjective(config, objective.to_normalized, grid.coarser(fine_shape).spacing, fine_shape,
+                                        device, matrix, translation)
+        network_fields = resize_field(member_fields, fine_shape)
+        residual = torch.nn.Parameter(torch.zeros_like(network_fields))
+        refine_optimizer = Adam([residual], lr=config.refine_learning_rate)
+
+        def refine_step() -> torch.Tensor:
+            loss = objective(network_fields + gaussian_smooth(residual, config.refine_smoothing), fixed_level, moving_level, identity_level,
+                             fixed_mask_level, moving_mask_level)
+            (members * loss).backward()
+            refine_optimizer.step()
+            return loss.detach()
+
+        run_step = (CudaGraphStep if use_graphs else EagerStep)(refine_step, refine_optimizer)
+        if progress_state.run(f"refine {'x'.join(map(str, fine_shape))}", run_step, config.refine_iterations,
+                              config.patience):
+            stop_reason += f"; refinement stopped improving after {len(loss_stages[-1]['losses'])} iterations"
+        member_fields = (network_fields + gaussian_smooth(residual, config.refine_smoothing)).detach()
+    iteration = progress_state.iterations
+    with torch.no_grad():
         # Velocity fields are averaged before exp (the log-Euclidean mean), displacements directly.
         field_mm = member_fields.mean(dim=0, keepdim=True)
         deformable = objective.displacement(field_mm, shape)

@@ -66,23 +66,32 @@ def _saved_bytes(step: Callable[[], object]) -> int:
 
 
 def optimisation_bytes(shape: tuple[int, ...], config: RegistrationConfig) -> int:
-    """Memory of one iteration of the deformable stage at its finest level (bytes, CPU)."""
+    """Memory of one iteration of the deformable stage at its finest level, or of the
+    refinement stage where that is larger (bytes, CPU)."""
     ndim = len(shape)
     field_shape = field_grid_shape(shape, config.field_resolution)
     level = pyramid_shapes(shape, config.pyramid_levels, max_voxels=config.max_loss_voxels)[-1]
     with torch.device("meta"):
         model = FieldModel(config, ndim, field_shape)
-    # Unit spacing and matrix: the estimate counts tensors, not values.
-    objective = DeformableObjective(config, torch.eye(ndim, device="meta"), [1.0] * ndim, field_shape, "meta")
+    image = torch.empty(model.members, 1, *level, device="meta")
 
-    def step() -> None:
-        image = torch.empty(model.members, 1, *level)
-        objective(model(), image, image, identity_grid(level, "meta"))
+    def stage_bytes(field: Callable[[], torch.Tensor], shape_of_field: tuple[int, ...]) -> int:
+        # Unit spacing and matrix: the estimate counts tensors, not values.
+        objective = DeformableObjective(config, torch.eye(ndim, device="meta"), [1.0] * ndim, shape_of_field, "meta")
+        return int(AUTOGRAD_FACTOR * _saved_bytes(lambda: objective(field(), image, image, identity_grid(level, "meta"))))
 
     parameters = sum(p.numel() for p in model.parameters())
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
     # weights, gradients and the two Adam moments (float32)
-    return int(AUTOGRAD_FACTOR * _saved_bytes(step)) + 16 * parameters + 2 * buffers
+    model_bytes = 16 * parameters + 2 * buffers
+    network_stage = stage_bytes(model, field_shape) + model_bytes
+    if not config.refine_iterations:
+        return network_stage
+    fine_shape = field_grid_shape(shape, config.refine_resolution)
+    residual = torch.empty(model.members, ndim, *fine_shape, device="meta", requires_grad=True)
+    # the network's field, the residual, its gradient and two Adam moments (float32)
+    refine_stage = stage_bytes(lambda: residual * 1, fine_shape) + 20 * residual.numel() + model_bytes
+    return max(network_stage, refine_stage)
 
 
 def _peak_bytes(shape: tuple[int, ...], optimisation: int, members: int = 1) -> int:
@@ -138,6 +147,11 @@ def peak_memory_upper_bound(shape: tuple[int, ...], config: RegistrationConfig) 
     # every member has its own activations, fields, weights and noise
     members = config.ensemble
     optimisation = members * (int(AUTOGRAD_FACTOR * saved) + 16 * parameters + 8 * config.input_channels * field_voxels)
+    if config.refine_iterations:
+        fine_voxels = math.prod(field_grid_shape(tuple(shape), config.refine_resolution))
+        refine_saved = FIELD_BYTES_BOUND * (level_voxels + fine_voxels * (config.integration_steps + 1))
+        refine = members * (int(AUTOGRAD_FACTOR * refine_saved) + 20 * ndim * fine_voxels + 16 * parameters)
+        optimisation = max(optimisation, refine)
     return _peak_bytes(tuple(shape), optimisation, members)
 
 

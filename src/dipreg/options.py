@@ -93,6 +93,14 @@ class RegistrationConfig:
     max_loss_voxels: int = _option(128**3, "finest image level used by the loss has at most this many voxels (0 = full resolution; default 128^3, so a 1 mm 256^3 volume is matched at 2 mm)", allowed=Allowed(16**2, also=0))
     iterations: int = _option(300, "maximum Adam iterations of the deformable stage (split over the pyramid levels)", allowed=AT_LEAST_ONE)
     learning_rate: float = _option(5e-3, "Adam learning rate", allowed=POSITIVE)
+    refine_iterations: int = _option(0, "Adam iterations of a final stage that adds a free velocity (or displacement) "
+                                        "field on a finer grid to the network's field, at the finest loss level "
+                                        "(0 = none)", allowed=NON_NEGATIVE)
+    refine_resolution: float = _option(0.5, "grid of the refinement field as a fraction of the image's resolution",
+                                       allowed=Allowed(0, 1, low_open=True))
+    refine_smoothing: float = _option(0.0, "Gaussian smoothing (sigma, voxels of the refinement grid) of the "
+                                           "refinement field (0 = none)", allowed=NON_NEGATIVE)
+    refine_learning_rate: float = _option(1e-2, "Adam learning rate of the refinement field (mm per step)", allowed=POSITIVE)
     patience: int = _option(100, "stop when the smoothed loss has not improved for this many iterations (0 = never)", allowed=NON_NEGATIVE)
     seed: int = _option(0, "random seed (network weights and noise)", allowed=NON_NEGATIVE)
     ensemble: int = _option(1, "ensemble members optimised together, member m with seed + m; the result is their mean "

@@ -15,6 +15,7 @@ Conventions:
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,6 +150,29 @@ def resize_field(field: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         return field
     mode = "bilinear" if len(shape) == 2 else "trilinear"
     return F.interpolate(field, size=shape, mode=mode, align_corners=True)
+
+
+def gaussian_smooth(field: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian smoothing of ``[B, C, *spatial]`` along each spatial axis, ``sigma``
+    in voxels, the kernel truncated at 3 sigma and normalised to sum 1 (so constants are kept;
+    borders replicate the edge value). ``sigma <= 0`` returns the field unchanged."""
+    if sigma <= 0:
+        return field
+    radius = max(1, int(math.ceil(3 * sigma)))
+    offsets = torch.arange(-radius, radius + 1, dtype=field.dtype, device=field.device)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    ndim, channels = field.dim() - 2, field.shape[1]
+    conv = F.conv2d if ndim == 2 else F.conv3d
+    for axis in range(ndim):
+        shape = [1] * ndim
+        shape[axis] = kernel.numel()
+        padding = [0, 0] * ndim
+        # F.pad lists the last axis first
+        padding[2 * (ndim - 1 - axis)] = padding[2 * (ndim - 1 - axis) + 1] = radius
+        padded = F.pad(field, padding, mode="replicate")
+        field = conv(padded, kernel.view(1, 1, *shape).expand(channels, 1, *shape), groups=channels)
+    return field
 
 
 def jacobian_determinant(voxel_displacement: np.ndarray) -> np.ndarray:
