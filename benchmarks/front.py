@@ -239,9 +239,10 @@ ANTS_SWEEP = tuple({"flow_sigma": f, "total_sigma": 0.0} for f in (1.5, 3.0, 4.5
 BENDING = (4.0, 8.0, 16.0, 32.0, 64.0)
 #: The default's two weights scaled together: (λ, bending) = s (0.5, 4).
 STRENGTHS = (0.5, 1.0, 2.0, 4.0, 8.0)
+DIP_SWEEP = tuple({"regularization": s / 2, "bending": 4 * s} for s in STRENGTHS)
 
 METHODS: dict[str, Method] = {
-    "dip": Method(dipreg_runner("default"), tuple({"regularization": s / 2, "bending": 4 * s} for s in STRENGTHS),
+    "dip": Method(dipreg_runner("default"), DIP_SWEEP,
                   {"regularization": 0.5, "bending": 4.0},
                   "dipreg default preset (fixed noise input, diffusion λ plus bending energy), both weights scaled "
                   "together"),
@@ -254,6 +255,9 @@ METHODS: dict[str, Method] = {
                             tuple({"regularization": v} for v in LAMBDAS), None,
                             "the previous default: noise input perturbed every iteration, diffusion penalty, λ swept",
                             lambdas=True),
+    "dip-refined": Method(dipreg_runner("default", refine_iterations=100), DIP_SWEEP, None,
+                          "dipreg default plus 100 iterations of a free field on the half-resolution grid "
+                          "(--refine-iterations 100), both weights scaled together"),
     "classic": Method(dipreg_runner("classic"), tuple({"regularization": v} for v in LAMBDAS), {"regularization": 1.0},
                       "dipreg classic preset (free SVF, diffusion), λ swept", lambdas=True),
     "classic-bending": Method(dipreg_runner("classic", regularization=0.0), tuple({"bending": w} for w in (2.0, 8.0, 32.0)),
