@@ -10,11 +10,11 @@ from dipreg.engine import ONE_THREAD_BELOW_VOXELS, cpu_threads, make_config, opt
 
 @pytest.mark.parametrize("shape, expected", [
     ((256, 256), [(128, 128), (256, 256)]),                   # 2D: full resolution
-    ((144, 192, 160), [(36, 48, 40), (72, 96, 80)]),          # OASIS, 4.4 M voxels: loss at half resolution
-    ((256, 256, 256), [(64, 64, 64), (128, 128, 128)]),       # a 1 mm 256^3 volume: 2 mm, not 4 mm
-    ((176, 256, 256), [(44, 64, 64), (88, 128, 128)]),
+    ((144, 192, 160), [(72, 96, 80), (144, 192, 160)]),       # OASIS, 4.4 M voxels: full resolution
+    ((256, 256, 256), [(128, 128, 128), (256, 256, 256)]),    # a 1 mm 256^3 volume: still full resolution
+    ((320, 320, 320), [(80, 80, 80), (160, 160, 160)]),       # 32.8 M voxels: the loss at half resolution
 ])
-def test_default_pyramid_keeps_the_loss_at_most_128_cubed_voxels(shape, expected) -> None:
+def test_default_pyramid_keeps_the_loss_at_most_256_cubed_voxels(shape, expected) -> None:
     config = make_config()
     assert pyramid_shapes(shape, config.pyramid_levels, max_voxels=config.max_loss_voxels) == expected
 

@@ -28,10 +28,11 @@ def test_estimate_grows_with_channels(shape: tuple[int, ...]) -> None:
 
 def test_estimate_matches_the_measured_peak_of_the_oasis_volume() -> None:
     """The default on the 144x192x160 OASIS pair measured 1535 MB of peak RSS in a whole
-    process (benchmarks/speed.py on the 2-core CPU); the estimate is within 10 % of it. Most
-    of that peak is the optimisation and the outputs, not the fixed constants (445 MB)."""
+    process (benchmarks/speed.py on the 2-core CPU), with the loss at half resolution as then;
+    the estimate is within 10 % of it. Most of that peak is the optimisation and the outputs,
+    not the fixed constants (445 MB)."""
     measured = 1535 * 2**20
-    assert 0.9 * measured < estimate_peak_memory((144, 192, 160), make_config()) < 1.1 * measured
+    assert 0.9 * measured < estimate_peak_memory((144, 192, 160), make_config(max_loss_voxels=128**3)) < 1.1 * measured
 
 
 def test_absurd_volume_is_refused_with_the_estimate() -> None:

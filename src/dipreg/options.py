@@ -90,7 +90,9 @@ class RegistrationConfig:
     init: str = _option("search", "start of the rigid/affine stage: none, centers (intensity centres of mass), moments (+ principal axes, best sign), search (+ coarse rotation search at low resolution)", ("none", "centers", "moments", "search"))
     mi_bins: int = _option(32, "histogram bins of the mi and nmi losses (each image binned over its own range)", allowed=Allowed(8))
     pyramid_levels: int = _option(2, "coarse-to-fine image levels of the deformable stage (halving per level)", allowed=AT_LEAST_ONE)
-    max_loss_voxels: int = _option(128**3, "finest image level used by the loss has at most this many voxels (0 = full resolution; default 128^3, so a 1 mm 256^3 volume is matched at 2 mm)", allowed=Allowed(16**2, also=0))
+    max_loss_voxels: int = _option(256**3, "finest image level used by the loss has at most this many voxels (0 = full "
+                                           "resolution; default 256^3, so brain MRI up to 1 mm 256^3 is matched at full "
+                                           "resolution and a 0.5 mm 512^3 volume at 1 mm)", allowed=Allowed(16**2, also=0))
     iterations: int = _option(300, "maximum Adam iterations of the deformable stage (split over the pyramid levels)", allowed=AT_LEAST_ONE)
     learning_rate: float = _option(5e-3, "Adam learning rate", allowed=POSITIVE)
     refine_iterations: int = _option(0, "Adam iterations of a final stage that adds a free velocity (or displacement) "
