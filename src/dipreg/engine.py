@@ -243,7 +243,7 @@ class CudaGraphStep(EagerStep):
         return self.loss.clone()
 
 
-class _StageProgress:
+class _StageRunner:
     """Runs the stages of the deformable loop: a progress bar per stage, the loss read from
     the device every :data:`LOSS_READ_INTERVAL` steps, the callback, early stopping, and the
     losses appended to the history and to the stage's record."""
@@ -563,7 +563,7 @@ def _optimise(fixed: torch.Tensor, moving: torch.Tensor, grid: Grid, config: Reg
     stop_reason = "maximum iterations reached"
     levels = pyramid_shapes(shape, config.pyramid_levels, max_voxels=config.max_loss_voxels)
     per_level = max(1, config.iterations // len(levels))
-    progress_state = _StageProgress(history, loss_stages, callback, progress)
+    stages = _StageRunner(history, loss_stages, callback, progress)
     for level, level_shape in enumerate(levels):
         fixed_level, moving_level = downsample(fixed, level_shape), downsample(moving, level_shape)
         fixed_mask_level, moving_mask_level = downsample_mask(fixed_mask, level_shape), downsample_mask(moving_mask, level_shape)
@@ -579,7 +579,7 @@ def _optimise(fixed: torch.Tensor, moving: torch.Tensor, grid: Grid, config: Reg
             return loss.detach()
 
         run_step = CudaGraphStep(loss_step, optimizer) if use_graphs else EagerStep(loss_step, optimizer)
-        if progress_state.run(f"deformable {'x'.join(map(str, level_shape))}", run_step, count, config.patience):
+        if stages.run(f"deformable {'x'.join(map(str, level_shape))}", run_step, count, config.patience):
             stop_reason = f"loss stopped improving for {config.patience} iterations"
 
     with torch.no_grad():
@@ -589,23 +589,27 @@ def _optimise(fixed: torch.Tensor, moving: torch.Tensor, grid: Grid, config: Reg
         fine_shape = field_grid_shape(shape, config.refine_resolution)
         objective = DeformableObjective(config, objective.to_normalized, grid.coarser(fine_shape).spacing, fine_shape,
                                         device, matrix, translation)
+        # mm values interpolate like normalised ones: resize_field applies to both
         network_fields = resize_field(member_fields, fine_shape)
         residual = torch.nn.Parameter(torch.zeros_like(network_fields))
         refine_optimizer = Adam([residual], lr=config.refine_learning_rate)
 
+        def refined_fields() -> torch.Tensor:
+            return network_fields + gaussian_smooth(residual, config.refine_smoothing)
+
         def refine_step() -> torch.Tensor:
-            loss = objective(network_fields + gaussian_smooth(residual, config.refine_smoothing), fixed_level, moving_level, identity_level,
-                             fixed_mask_level, moving_mask_level)
+            loss = objective(refined_fields(), fixed_level, moving_level, identity_level, fixed_mask_level,
+                             moving_mask_level)
             (members * loss).backward()
             refine_optimizer.step()
             return loss.detach()
 
         run_step = (CudaGraphStep if use_graphs else EagerStep)(refine_step, refine_optimizer)
-        if progress_state.run(f"refine {'x'.join(map(str, fine_shape))}", run_step, config.refine_iterations,
+        if stages.run(f"refine {'x'.join(map(str, fine_shape))}", run_step, config.refine_iterations,
                               config.patience):
             stop_reason += f"; refinement stopped improving after {len(loss_stages[-1]['losses'])} iterations"
-        member_fields = (network_fields + gaussian_smooth(residual, config.refine_smoothing)).detach()
-    iteration = progress_state.iterations
+        member_fields = refined_fields().detach()
+    iteration = stages.iterations
     with torch.no_grad():
         # Velocity fields are averaged before exp (the log-Euclidean mean), displacements directly.
         field_mm = member_fields.mean(dim=0, keepdim=True)
